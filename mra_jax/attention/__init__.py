@@ -1,0 +1,5 @@
+"""MRA-2 attention: low resolution, block selection, high resolution, combination."""
+
+from mra_jax.attention.mra import mra_attention
+
+__all__ = ["mra_attention"]

@@ -1,0 +1,86 @@
+"""`mra_attention`: MRA-2 attention in four stages (low resolution, selection, high resolution, combination)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mra_jax.attention.combination import combine
+from mra_jax.attention.high_resolution import high_resolution_reference
+from mra_jax.attention.low_resolution import low_resolution
+from mra_jax.attention.selection import select_blocks, selected_pair_mask
+from mra_jax.configuration import BLOCK_SIZE
+
+IMPLEMENTATIONS = (None, "reference")
+APPROX_MODES = ("full", "sparse")
+
+
+def _check_inputs(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                  approx_mode: str, implementation: str | None, first_n: int, diagonal_n: int) -> None:
+    if query.ndim != 4:
+        raise ValueError(f"query must be [batch, seq, heads, head_dim], got shape {query.shape}")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"query, key and value must have the same shape, got {query.shape}, {key.shape}, "
+                         f"{value.shape}")
+    if mask is not None and mask.shape != query.shape[:2]:
+        raise ValueError(f"mask must be [batch, seq] = {query.shape[:2]}, got shape {mask.shape}")
+    if approx_mode not in APPROX_MODES:
+        raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if first_n < 0 or diagonal_n < 0:
+        raise ValueError(f"prior block counts must be non-negative, got {first_n}, {diagonal_n}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating array, got {x.dtype}")
+
+
+def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *,
+                  num_blocks: int, approx_mode: str = "full", initial_prior_first_n_blocks: int = 0,
+                  initial_prior_diagonal_n_blocks: int = 0, implementation: str | None = None) -> jax.Array:
+    """MRA-2 attention (HF's ``mra2_attention`` semantics, with its bugs fixed).
+
+    Args:
+      query, key, value: ``[batch, seq, heads, head_dim]`` (``jax.nn.dot_product_attention`` layout), float32 or
+        bfloat16; statistics are kept in float32.
+      mask: ``[batch, seq]`` with 1 = token, 0 = padding, or ``None`` for no padding.
+      num_blocks: budget of high-resolution 32x32 block pairs per (batch, head); capped at the ``n * n`` pairs
+        that exist (``n = ceil(seq / 32)``).
+      approx_mode: ``"full"`` (high resolution on the selected pairs, low resolution elsewhere) or ``"sparse"``
+        (selected pairs only).
+      initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks: HF's priors forcing pairs into the selection.
+      implementation: ``None`` (best for the backend) or ``"reference"`` (jnp).
+
+    Any ``seq >= 1`` works: it is padded to a multiple of 32 with masked positions and sliced back. Any head_dim
+    works, with scale ``1 / sqrt(head_dim)``. Returns ``[batch, seq, heads, head_dim]`` in the input dtype, zero at
+    padded queries.
+    """
+    _check_inputs(query, key, value, mask, approx_mode, implementation, initial_prior_first_n_blocks,
+                  initial_prior_diagonal_n_blocks)
+    batch, seq, _, head_dim = query.shape
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    n = -(-seq // BLOCK_SIZE)
+    padded = n * BLOCK_SIZE
+    num_blocks = min(num_blocks, n * n)
+    scale = math.sqrt(head_dim)
+
+    mask = jnp.ones((batch, seq), jnp.float32) if mask is None else jax.lax.stop_gradient(mask)
+    mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, padded - seq)))
+    # [B, S, H, d] -> [B, H, S, d], padded and masked.
+    q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+               * mask[:, None, :, None].astype(x.dtype) for x in (query, key, value))
+    head_mask = mask[:, None, :]
+
+    full = approx_mode == "full"
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    low = low_resolution(f32[0], f32[1], f32[2] if full else None, head_mask, scale)
+    if not full:
+        low = jax.tree.map(jax.lax.stop_gradient, low)
+    indices = select_blocks(low.logits - low.row_max, num_blocks, initial_prior_first_n_blocks,
+                            initial_prior_diagonal_n_blocks)
+    high = high_resolution_reference(q, k, v, mask, indices, scale)
+    out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)
+    return out.transpose(0, 2, 1, 3)[:, :seq].astype(query.dtype)

@@ -1,0 +1,54 @@
+"""Stage 2: which block pairs get high-resolution attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PRIOR_BONUS = 5000.0
+"""HF's additive bonus for the pairs a prior forces into the selection."""
+
+
+def add_priors(scores: jax.Array, first_n_blocks: int, diagonal_n_blocks: int) -> jax.Array:
+    """Add HF's priors to ``[.., n, n]`` block scores.
+
+    Diagonal prior: +5000 on the band ``|i - j| <= diagonal_n_blocks // 2``. First-n prior: +5000 on the first
+    ``first_n_blocks`` query rows and again on the first key columns (their corner gets +10000).
+    """
+    n = scores.shape[-1]
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n)[None, :]
+    prior = jnp.zeros((n, n), scores.dtype)
+    if diagonal_n_blocks > 0:
+        prior += PRIOR_BONUS * (jnp.abs(i - j) <= diagonal_n_blocks // 2)
+    if first_n_blocks > 0:
+        prior += PRIOR_BONUS * (i < first_n_blocks) + PRIOR_BONUS * (j < first_n_blocks)
+    return scores + prior
+
+
+def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0,
+                  diagonal_n_blocks: int = 0) -> jax.Array:
+    """Global top-``num_blocks`` of the ``n * n`` pairs of ``[.., n, n]`` scores, per leading index.
+
+    Returns int32 flat pair indices ``i * n + j`` (i = query block, j = key block), ``[.., num_blocks]``, in
+    ascending order. Ties keep the lowest flat indices, as HF's CUDA top-k does. No gradient.
+    """
+    n = scores.shape[-1]
+    if not 0 < num_blocks <= n * n:
+        raise ValueError(f"num_blocks must be in [1, {n * n}] for {n} blocks per row, got {num_blocks}")
+    scores = add_priors(jax.lax.stop_gradient(scores), first_n_blocks, diagonal_n_blocks)
+    _, indices = jax.lax.top_k(scores.reshape(*scores.shape[:-2], n * n), num_blocks)
+    return jnp.sort(indices.astype(jnp.int32), axis=-1)
+
+
+def selected_pair_mask(indices: jax.Array, n: int) -> jax.Array:
+    """``[.., k]`` flat pair indices -> ``[.., n, n]`` float 0/1 mask of the selected pairs.
+
+    The low-resolution part of "full" mode covers exactly the complement of this set. (HF marks every pair
+    scoring at least the k-th value, so pairs tied at the threshold but left out by top-k fall out of both
+    parts; without ties the two agree.)
+    """
+    lead = indices.shape[:-1]
+    flat = indices.reshape(-1, indices.shape[-1])
+    dense = jax.vmap(lambda idx: jnp.zeros((n * n,), jnp.float32).at[idx].set(1.0))(flat)
+    return dense.reshape(*lead, n, n)

@@ -1,0 +1,176 @@
+"""`MraConfig`: HuggingFace's MRA configuration, read and written as an HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+BLOCK_SIZE = 32
+"""Tokens per MRA block (fixed by the method)."""
+
+_APPROX_MODES = ("full", "sparse")
+_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+@dataclasses.dataclass
+class MraConfig:
+    """Every field of HF's `MraConfig`, with HF's defaults (those of uw-madison/mra-base-512-4).
+
+    Keys of a `config.json` that are not fields (``architectures``, ``dtype``, ``transformers_version``, the
+    original training fields of the hub checkpoints, ...) are kept in ``extra`` and written back unchanged.
+    """
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    block_per_row: int = 4
+    approx_mode: str = "full"
+    initial_prior_first_n_blocks: int = 0
+    initial_prior_diagonal_n_blocks: int = 0
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    id2label: dict[int, str] | None = None
+    problem_type: str | None = None
+    model_type: str = "mra"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.id2label is None:
+            self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {v: k for k, v in self.id2label.items()}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_blocks(self) -> int:
+        """HF's block budget, computed from the config (capped at the pairs that exist at run time)."""
+        n = self.max_position_embeddings // BLOCK_SIZE
+        return min(n * self.block_per_row, n * n)
+
+    def with_num_labels(self, num_labels: int) -> MraConfig:
+        """A copy with ``num_labels`` default labels (``LABEL_i``)."""
+        return dataclasses.replace(self, id2label={i: f"LABEL_{i}" for i in range(num_labels)})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise `ValueError` naming every field that is out of range."""
+        errors = []
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size", "block_per_row")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not errors and self.hidden_size % self.num_attention_heads:
+            errors.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                          f"({self.num_attention_heads})")
+        if self.approx_mode not in _APPROX_MODES:
+            errors.append(f"approx_mode must be one of {_APPROX_MODES}, got {self.approx_mode!r}")
+        for name in ("initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                errors.append(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                errors.append(f"{name} must be in [0, 1), got {value!r}")
+        if self.hidden_act not in _ACTIVATIONS:
+            errors.append(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.layer_norm_eps <= 0:
+            errors.append(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.problem_type not in _PROBLEM_TYPES:
+            errors.append(f"problem_type must be one of {_PROBLEM_TYPES}, got {self.problem_type!r}")
+        if not self.id2label:
+            errors.append("id2label must name at least one label")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < BLOCK_SIZE:
+            if not any(e.startswith("max_position_embeddings") for e in errors):
+                errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
+                              f"got {self.max_position_embeddings!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            errors.append(f"pad_token_id ({self.pad_token_id}) is outside the vocabulary of {self.vocab_size}")
+        if self.model_type != "mra":
+            errors.append(f"model_type must be 'mra', got {self.model_type!r}")
+        if errors:
+            raise ValueError("invalid MraConfig: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ dict / json
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MraConfig:
+        """Build from an HF config dict; unknown keys go to ``extra``."""
+        data = dict(data)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in fields}
+        label2id = data.pop("label2id", None)
+        num_labels = data.pop("num_labels", None)
+        if kwargs.get("id2label") is None:
+            if label2id:
+                kwargs["id2label"] = {int(v): k for k, v in label2id.items()}
+            elif num_labels is not None:
+                kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(int(num_labels))}
+        return cls(**kwargs, extra=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF `config.json` dict (fields, ``label2id``, then the kept unknown keys)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = self.label2id
+        out.update(self.extra)
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> MraConfig:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> MraConfig:
+        """Read ``config.json`` from a checkpoint directory (or a path to the json file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_json_file(file)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write ``config.json`` into ``directory`` (created if needed); returns the file path."""
+        os.makedirs(directory, exist_ok=True)
+        file = os.path.join(directory, "config.json")
+        with open(file, "w") as f:
+            f.write(self.to_json_string())
+        return file
