@@ -2,5 +2,24 @@
 
 from mra_jax.attention import mra_attention
 from mra_jax.configuration import MraConfig
+from mra_jax.modeling import (
+    MraForMaskedLM,
+    MraForMultipleChoice,
+    MraForQuestionAnswering,
+    MraForSequenceClassification,
+    MraForTokenClassification,
+    MraModel,
+    MraPreTrainedModel,
+)
 
-__all__ = ["MraConfig", "mra_attention"]
+__all__ = [
+    "MraConfig",
+    "MraForMaskedLM",
+    "MraForMultipleChoice",
+    "MraForQuestionAnswering",
+    "MraForSequenceClassification",
+    "MraForTokenClassification",
+    "MraModel",
+    "MraPreTrainedModel",
+    "mra_attention",
+]

@@ -1,0 +1,109 @@
+"""The post-LN encoder: `MraSelfAttention`, `MraLayer`, `MraEncoder` (HF's module and parameter names)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mra_jax.attention import mra_attention
+from mra_jax.configuration import MraConfig
+from mra_jax.modeling.common import ACT2FN, Dropout, Dtype, layer_norm, linear
+
+
+class MraSelfAttention(nnx.Module):
+    """Query/key/value projections and MRA-2 attention (no attention-probability dropout, as in HF)."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        h = config.hidden_size
+        self.query = linear(config, h, h, rngs, dtype, param_dtype)
+        self.key = linear(config, h, h, rngs, dtype, param_dtype)
+        self.value = linear(config, h, h, rngs, dtype, param_dtype)
+        self.num_heads = config.num_attention_heads
+        self.num_blocks = config.num_blocks
+        self.approx_mode = config.approx_mode
+        self.first_n_blocks = config.initial_prior_first_n_blocks
+        self.diagonal_n_blocks = config.initial_prior_diagonal_n_blocks
+        self.implementation: str | None = None
+
+    def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        batch, seq, hidden = hidden_states.shape
+        heads = [proj(hidden_states).reshape(batch, seq, self.num_heads, hidden // self.num_heads)
+                 for proj in (self.query, self.key, self.value)]
+        out = mra_attention(*heads, attention_mask, num_blocks=self.num_blocks, approx_mode=self.approx_mode,
+                            initial_prior_first_n_blocks=self.first_n_blocks,
+                            initial_prior_diagonal_n_blocks=self.diagonal_n_blocks,
+                            implementation=self.implementation)
+        return out.reshape(batch, seq, hidden)
+
+
+class MraSelfOutput(nnx.Module):
+    """Dense, dropout, residual, LayerNorm."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+                 in_features: int | None = None):
+        in_features = config.hidden_size if in_features is None else in_features
+        self.dense = linear(config, in_features, config.hidden_size, rngs, dtype, param_dtype)
+        self.LayerNorm = layer_norm(config, rngs, param_dtype)
+        self.dropout = Dropout(config.hidden_dropout_prob)
+
+    def __call__(self, hidden_states: jax.Array, residual: jax.Array, deterministic: bool,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        hidden_states = self.dropout(self.dense(hidden_states), deterministic, rngs)
+        return self.LayerNorm(hidden_states + residual)
+
+
+class MraAttention(nnx.Module):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        # `self.self` mirrors HF's parameter path `attention.self.query...`.
+        self.self = MraSelfAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.output = MraSelfOutput(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        return self.output(self.self(hidden_states, attention_mask), hidden_states, deterministic, rngs)
+
+
+class MraIntermediate(nnx.Module):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.dense = linear(config, config.hidden_size, config.intermediate_size, rngs, dtype, param_dtype)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        return self.activation(self.dense(hidden_states))
+
+
+class MraOutput(MraSelfOutput):
+    """The feed-forward output: as `MraSelfOutput`, from the intermediate size."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                         in_features=config.intermediate_size)
+
+
+class MraLayer(nnx.Module):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.attention = MraAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.intermediate = MraIntermediate(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.output = MraOutput(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        attention_output = self.attention(hidden_states, attention_mask, deterministic, rngs)
+        return self.output(self.intermediate(attention_output), attention_output, deterministic, rngs)
+
+
+class MraEncoder(nnx.Module):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        self.layer = nnx.List([MraLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                               for _ in range(config.num_hidden_layers)])
+
+    def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Returns the last hidden state and all hidden states (embeddings output first)."""
+        all_hidden = [hidden_states]
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attention_mask, deterministic, rngs)
+            all_hidden.append(hidden_states)
+        return hidden_states, tuple(all_hidden)

@@ -1,0 +1,287 @@
+"""`MraModel` and the five task models, with HF's arguments, outputs and losses."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mra_jax import losses
+from mra_jax.configuration import MraConfig
+from mra_jax.conversion.safetensors_io import read_safetensors_dir
+from mra_jax.conversion.state_dict import load_hf_state_dict
+from mra_jax.modeling.common import Dropout, Dtype, as_rngs, linear
+from mra_jax.modeling.embeddings import POSITION_OFFSET, MraEmbeddings
+from mra_jax.modeling.encoder import MraEncoder
+from mra_jax.modeling.heads import MraClassificationHead, MraOnlyMLMHead
+from mra_jax.modeling.outputs import (
+    MaskedLMOutput,
+    MraModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+Rngs = nnx.Rngs | jax.Array | int | None
+
+
+def _is_concrete(x: Any) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _check_range(name: str, ids: jax.Array | None, upper: int, what: str) -> None:
+    """On concrete inputs, every id must lie in ``[0, upper)``."""
+    if not _is_concrete(ids):
+        return
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= upper):
+        bad = ids[(ids < 0) | (ids >= upper)]
+        raise ValueError(f"{name} holds values outside [0, {upper}) ({what}): e.g. {bad[:5].tolist()}")
+
+
+class MraPreTrainedModel(nnx.Module):
+    """Shared construction and loading for the six model classes."""
+
+    def __init__(self, config: MraConfig):
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
+                        param_dtype: Dtype = jnp.float32) -> Self:
+        """Load an HF checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded index).
+
+        Every parameter must be in the checkpoint under its HF name with HF's shape, and every tensor of the
+        checkpoint must be used (buffers and tied decoder keys aside); otherwise a `ValueError` lists them all.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        config = MraConfig.from_pretrained(path)
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+        load_hf_state_dict(model, read_safetensors_dir(path), source=path)
+        return model
+
+
+class MraModel(MraPreTrainedModel):
+    """The bare MRA encoder: embeddings and ``num_hidden_layers`` post-LN layers (no pooler, as in HF)."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        super().__init__(config)
+        self.embeddings = MraEmbeddings(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.encoder = MraEncoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def _check_inputs(self, input_ids: jax.Array | None, attention_mask: jax.Array | None,
+                      token_type_ids: jax.Array | None, position_ids: jax.Array | None,
+                      inputs_embeds: jax.Array | None) -> tuple[int, int]:
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+            if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+                raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+            shape = input_ids.shape
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq, {config.hidden_size}], "
+                                 f"got shape {inputs_embeds.shape}")
+            shape = inputs_embeds.shape[:2]
+        batch, seq = shape
+        if seq < 1:
+            raise ValueError("the sequence is empty")
+        if position_ids is None and seq > config.max_position_embeddings:
+            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
+                             f"({config.max_position_embeddings}); pass position_ids or use a model with more "
+                             "positions")
+        for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                        ("position_ids", position_ids)):
+            if x is not None and x.shape != (batch, seq) and not (name == "position_ids" and x.shape in
+                                                                  ((1, seq), (seq,))):
+                raise ValueError(f"{name} must be [batch, seq] = {(batch, seq)}, got shape {x.shape}")
+        _check_range("input_ids", input_ids, config.vocab_size, f"vocab_size {config.vocab_size}")
+        _check_range("token_type_ids", token_type_ids, config.type_vocab_size,
+                     f"type_vocab_size {config.type_vocab_size}")
+        _check_range("position_ids", position_ids, config.max_position_embeddings + POSITION_OFFSET,
+                     f"{config.max_position_embeddings + POSITION_OFFSET} position embeddings")
+        return batch, seq
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, *, output_hidden_states: bool = False,
+                 deterministic: bool = True, rngs: Rngs = None) -> MraModelOutput:
+        """Encode ``input_ids`` ``[batch, seq]`` (or ``inputs_embeds``); ``attention_mask`` 1 = token, 0 = pad.
+
+        Deterministic (no dropout) unless ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``, key or seed).
+        """
+        batch, seq = self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        rngs = as_rngs(rngs)
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, seq), jnp.float32)
+        # HF casts the mask with .int(): 1 = token, 0 = padding.
+        attention_mask = attention_mask.astype(jnp.int32).astype(jnp.float32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((batch, seq), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.arange(seq, dtype=jnp.int32)[None] + POSITION_OFFSET
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds,
+                                 deterministic=deterministic, rngs=rngs)
+        last, all_hidden = self.encoder(hidden, attention_mask, deterministic=deterministic, rngs=rngs)
+        return MraModelOutput(last_hidden_state=last, hidden_states=all_hidden if output_hidden_states else None)
+
+
+class _MraWithHead(MraPreTrainedModel):
+    """A task model: the encoder under ``mra`` (HF's ``base_model_prefix``) and a head."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        super().__init__(config)
+        self.mra = MraModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def _encode(self, input_ids: jax.Array | None, attention_mask: jax.Array | None,
+                token_type_ids: jax.Array | None, position_ids: jax.Array | None, inputs_embeds: jax.Array | None,
+                output_hidden_states: bool, deterministic: bool, rngs: nnx.Rngs | None) -> MraModelOutput:
+        return self.mra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_hidden_states=output_hidden_states, deterministic=deterministic, rngs=rngs)
+
+
+class MraForMaskedLM(_MraWithHead):
+    """Masked language modelling; the decoder is tied to the word embeddings and has its own bias."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.cls = MraOnlyMLMHead(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, labels: jax.Array | None = None, *,
+                 output_hidden_states: bool = False, deterministic: bool = True,
+                 rngs: Rngs = None) -> MaskedLMOutput:
+        """``labels`` ``[batch, seq]``: token ids to predict, -100 where no loss is taken."""
+        rngs = as_rngs(rngs)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           output_hidden_states, deterministic, rngs)
+        logits = self.cls(out.last_hidden_state, self.mra.embeddings.word_embeddings)
+        loss = None
+        if labels is not None:
+            loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return MaskedLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+
+
+class MraForSequenceClassification(_MraWithHead):
+    """Classification or regression from the first token (loss by ``config.problem_type`` as HF)."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.classifier = MraClassificationHead(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, labels: jax.Array | None = None, *,
+                 output_hidden_states: bool = False, deterministic: bool = True,
+                 rngs: Rngs = None) -> SequenceClassifierOutput:
+        rngs = as_rngs(rngs)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           output_hidden_states, deterministic, rngs)
+        logits = self.classifier(out.last_hidden_state, deterministic, rngs)
+        loss = None
+        if labels is not None:
+            loss = losses.sequence_classification_loss(logits, labels, self.config.problem_type)
+        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+
+
+class MraForMultipleChoice(_MraWithHead):
+    """Inputs ``[batch, num_choices, seq]``; a score per choice from the first token (ReLU head, no dropout)."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        h = config.hidden_size
+        self.pre_classifier = linear(config, h, h, rngs, dtype, param_dtype)
+        self.classifier = linear(config, h, 1, rngs, dtype, param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, labels: jax.Array | None = None, *,
+                 output_hidden_states: bool = False, deterministic: bool = True,
+                 rngs: Rngs = None) -> MultipleChoiceModelOutput:
+        """``labels`` ``[batch]``: the index of the right choice."""
+        main = input_ids if input_ids is not None else inputs_embeds
+        expected = 3 if input_ids is not None else 4
+        if main is None or main.ndim != expected:
+            raise ValueError(f"multiple choice inputs must be [batch, num_choices, seq{'' if expected == 3 else ', hidden'}]"
+                             f", got shape {None if main is None else main.shape}")
+        batch, num_choices = main.shape[:2]
+
+        def flat(x: jax.Array | None, keep: int) -> jax.Array | None:
+            return None if x is None else x.reshape(-1, *x.shape[x.ndim - keep:])
+
+        for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if x is not None and x.shape != main.shape[:3]:
+                raise ValueError(f"{name} must be [batch, num_choices, seq] = {main.shape[:3]}, got {x.shape}")
+        out = self._encode(flat(input_ids, 1), flat(attention_mask, 1), flat(token_type_ids, 1),
+                           flat(position_ids, 1), flat(inputs_embeds, 2), output_hidden_states, deterministic,
+                           as_rngs(rngs))
+        pooled = jax.nn.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
+        logits = self.classifier(pooled).reshape(batch, num_choices)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return MultipleChoiceModelOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+
+
+class MraForTokenClassification(_MraWithHead):
+    """A label per token; the loss ignores -100 and every position where ``attention_mask != 1``."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.classifier = linear(config, config.hidden_size, config.num_labels, rngs, dtype, param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, labels: jax.Array | None = None, *,
+                 output_hidden_states: bool = False, deterministic: bool = True,
+                 rngs: Rngs = None) -> TokenClassifierOutput:
+        rngs = as_rngs(rngs)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           output_hidden_states, deterministic, rngs)
+        logits = self.classifier(self.dropout(out.last_hidden_state, deterministic, rngs))
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = jnp.where(attention_mask == 1, labels, losses.IGNORE_INDEX)
+            loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return TokenClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+
+
+class MraForQuestionAnswering(_MraWithHead):
+    """Span extraction: start and end logits per token (the config's labels are forced to 2, as in HF)."""
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32):
+        config = config if config.num_labels == 2 else config.with_num_labels(2)
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qa_outputs = linear(config, config.hidden_size, 2, rngs, dtype, param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None, start_positions: jax.Array | None = None,
+                 end_positions: jax.Array | None = None, *, output_hidden_states: bool = False,
+                 deterministic: bool = True, rngs: Rngs = None) -> QuestionAnsweringModelOutput:
+        """``start_positions``/``end_positions`` ``[batch]``; positions past the input are ignored."""
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           output_hidden_states, deterministic, as_rngs(rngs))
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+                                            hidden_states=out.hidden_states)
