@@ -109,10 +109,9 @@ class MraConfig:
             errors.append(f"problem_type must be one of {_PROBLEM_TYPES}, got {self.problem_type!r}")
         if not self.id2label:
             errors.append("id2label must name at least one label")
-        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < BLOCK_SIZE:
-            if not any(e.startswith("max_position_embeddings") for e in errors):
-                errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
-                              f"got {self.max_position_embeddings!r}")
+        if isinstance(self.max_position_embeddings, int) and 0 < self.max_position_embeddings < BLOCK_SIZE:
+            errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
+                          f"got {self.max_position_embeddings}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             errors.append(f"pad_token_id ({self.pad_token_id}) is outside the vocabulary of {self.vocab_size}")
         if self.model_type != "mra":

@@ -95,7 +95,7 @@ def test_batch_items_use_their_own_mask():
 def test_all_padding_row_gives_finite_zeros_and_gradients(mode):
     q, k, v = _qkv(7, 2, 64, 2, 32)
     mask = jnp.stack([jnp.ones(64), jnp.zeros(64)])
-    out, grads = jax.value_and_grad(lambda q, k, v: mra_attention(q, k, v, mask, num_blocks=2, approx_mode=mode)
+    _, grads = jax.value_and_grad(lambda q, k, v: mra_attention(q, k, v, mask, num_blocks=2, approx_mode=mode)
                                     .sum(), argnums=(0, 1, 2))(q, k, v)
     full = mra_attention(q, k, v, mask, num_blocks=2, approx_mode=mode)
     assert np.all(np.isfinite(np.asarray(full)))

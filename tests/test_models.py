@@ -29,7 +29,8 @@ def _batch(seed: int = 0, seq: int = S, lengths=(S, 70)):
     return jnp.asarray(np.where(mask, ids, CONFIG.pad_token_id)), jnp.asarray(mask)
 
 
-def _labels(cls, ids, rng=np.random.default_rng(1)):
+def _labels(cls, ids):
+    rng = np.random.default_rng(1)
     if cls is mra_jax.MraForMaskedLM:
         return {"labels": jnp.where(rng.random(ids.shape) < 0.3, ids, -100)}
     if cls is mra_jax.MraForSequenceClassification:
@@ -270,7 +271,7 @@ def test_strict_loading_lists_every_problem(checkpoint):
 
 
 def test_loading_into_the_wrong_class_fails(checkpoint):
-    with pytest.raises(ValueError, match="missing tensors: cls.predictions"):
+    with pytest.raises(ValueError, match=r"missing tensors: cls\.predictions"):
         mra_jax.MraForMaskedLM.from_pretrained(checkpoint)
 
 
@@ -279,10 +280,10 @@ def test_loading_errors_name_the_file(checkpoint, tmp_path):
         mra_jax.MraModel.from_pretrained(tmp_path / "nowhere")
     data = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read safetensors file .*model.safetensors"):
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model\.safetensors"):
         mra_jax.MraForSequenceClassification.from_pretrained(checkpoint)
     (checkpoint / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         mra_jax.MraForSequenceClassification.from_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     config["num_attention_heads"] = 3

@@ -214,10 +214,10 @@ class MraForMultipleChoice(_MraWithHead):
                  rngs: Rngs = None) -> MultipleChoiceModelOutput:
         """``labels`` ``[batch]``: the index of the right choice."""
         main = input_ids if input_ids is not None else inputs_embeds
-        expected = 3 if input_ids is not None else 4
-        if main is None or main.ndim != expected:
-            raise ValueError(f"multiple choice inputs must be [batch, num_choices, seq{'' if expected == 3 else ', hidden'}]"
-                             f", got shape {None if main is None else main.shape}")
+        expected = "[batch, num_choices, seq]" if input_ids is not None else "[batch, num_choices, seq, hidden]"
+        if main is None or main.ndim != expected.count(",") + 1:
+            raise ValueError(f"multiple choice inputs must be {expected}, "
+                             f"got shape {None if main is None else main.shape}")
         batch, num_choices = main.shape[:2]
 
         def flat(x: jax.Array | None, keep: int) -> jax.Array | None:

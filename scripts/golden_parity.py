@@ -1,0 +1,75 @@
+"""Run the bundled tiny HF checkpoints on their padded batches and compare with HF's stored outputs.
+
+The outputs were computed by HF's PyTorch MRA with the real CUDA kernels on an H100 (tests/fixtures/golden).
+Usage: python scripts/golden_parity.py [--golden DIR] [--tolerance 1e-4]
+Exit status 1 if any output differs from HF's by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+import mra_jax
+
+DEFAULT_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
+CLASSES = {
+    "model_base": mra_jax.MraModel,
+    "model_masked_lm": mra_jax.MraForMaskedLM,
+    "model_sequence_classification": mra_jax.MraForSequenceClassification,
+    "model_multiple_choice": mra_jax.MraForMultipleChoice,
+    "model_token_classification": mra_jax.MraForTokenClassification,
+    "model_question_answering": mra_jax.MraForQuestionAnswering,
+}
+
+
+def compare_model(directory: pathlib.Path) -> list[tuple[str, float, float]]:
+    """(output name, max abs error, error relative to the largest HF value) for each stored output."""
+    golden = np.load(directory / "golden_io.npz")
+    model = CLASSES[directory.name].from_pretrained(directory)
+    inputs = {k: jnp.asarray(golden[k]) for k in golden.files if not k.startswith(("out_", "grad/"))}
+    out = model(**inputs, output_hidden_states=True)
+    rows = []
+    for key in (k for k in golden.files if k.startswith("out_")):
+        field = key.removeprefix("out_")
+        if field.startswith("hidden_state_"):
+            got = out.hidden_states[int(field.rsplit("_", 1)[1])]
+        else:
+            got = getattr(out, field)
+        err = float(np.max(np.abs(np.asarray(got) - golden[key])))
+        rows.append((field, err, err / max(float(np.max(np.abs(golden[key]))), 1e-30)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golden", type=pathlib.Path, default=DEFAULT_GOLDEN,
+                        help="folder holding model_*/ (config.json, model.safetensors, golden_io.npz)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max-abs error")
+    args = parser.parse_args(argv)
+    folders = [args.golden / name for name in CLASSES if (args.golden / name).is_dir()]
+    if not folders:
+        print(f"no model_* folders in {args.golden}", file=sys.stderr)
+        return 2
+    print(f"{'model':<32}{'output':<22}{'max abs err':>14}{'rel err':>12}")
+    worst = 0.0
+    for i, folder in enumerate(folders, 1):
+        start = time.perf_counter()
+        rows = compare_model(folder)
+        for field, err, rel in rows:
+            worst = max(worst, err)
+            print(f"{folder.name:<32}{field:<22}{err:>14.2e}{rel:>12.2e}")
+        print(f"  [{i}/{len(folders)}] {folder.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    ok = worst <= args.tolerance
+    print(f"worst max-abs error {worst:.2e}: {'agrees with' if ok else 'DIFFERS from'} HF (tolerance "
+          f"{args.tolerance:g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
