@@ -15,12 +15,14 @@ _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish"
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MraConfig:
     """Every field of HF's `MraConfig`, with HF's defaults (those of uw-madison/mra-base-512-4).
 
     Keys of a `config.json` that are not fields (``architectures``, ``dtype``, ``transformers_version``, the
     original training fields of the hub checkpoints, ...) are kept in ``extra`` and written back unchanged.
+    Frozen and hashable, so that models holding it work with ``nnx.jit``; derive variants with
+    `dataclasses.replace` or `with_num_labels`.
     """
 
     vocab_size: int = 50265
@@ -50,10 +52,12 @@ class MraConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.id2label is None:
-            self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
-        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        labels = {0: "LABEL_0", 1: "LABEL_1"} if self.id2label is None else self.id2label
+        object.__setattr__(self, "id2label", {int(k): str(v) for k, v in labels.items()})
         self.validate()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json_string())
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -290,3 +290,19 @@ def test_loading_errors_name_the_file(checkpoint, tmp_path):
     (checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         mra_jax.MraForSequenceClassification.from_pretrained(checkpoint)
+
+
+def test_nnx_jit_and_optimizer_train():
+    """Models hold a hashable config, so nnx.jit and nnx.Optimizer work; a few Adam steps reduce the loss."""
+    model = mra_jax.MraForMaskedLM(CONFIG, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    ids, mask = _batch()
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(ids, attention_mask=mask, labels=ids).loss)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(4)]
+    assert losses[-1] < losses[0]
