@@ -10,6 +10,7 @@ from mra_jax.modeling import (
     MraForTokenClassification,
     MraModel,
     MraPreTrainedModel,
+    model_class,
 )
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "MraForTokenClassification",
     "MraModel",
     "MraPreTrainedModel",
+    "model_class",
     "mra_attention",
 ]

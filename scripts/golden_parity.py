@@ -18,20 +18,12 @@ import numpy as np
 import mra_jax
 
 DEFAULT_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
-CLASSES = {
-    "model_base": mra_jax.MraModel,
-    "model_masked_lm": mra_jax.MraForMaskedLM,
-    "model_sequence_classification": mra_jax.MraForSequenceClassification,
-    "model_multiple_choice": mra_jax.MraForMultipleChoice,
-    "model_token_classification": mra_jax.MraForTokenClassification,
-    "model_question_answering": mra_jax.MraForQuestionAnswering,
-}
 
 
 def compare_model(directory: pathlib.Path) -> list[tuple[str, float, float]]:
     """(output name, max abs error, error relative to the largest HF value) for each stored output."""
     golden = np.load(directory / "golden_io.npz")
-    model = CLASSES[directory.name].from_pretrained(directory)
+    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(directory)).from_pretrained(directory)
     inputs = {k: jnp.asarray(golden[k]) for k in golden.files if not k.startswith(("out_", "grad/"))}
     out = model(**inputs, output_hidden_states=True)
     rows = []
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding model_*/ (config.json, model.safetensors, golden_io.npz)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max-abs error")
     args = parser.parse_args(argv)
-    folders = [args.golden / name for name in CLASSES if (args.golden / name).is_dir()]
+    folders = sorted(p.parent for p in args.golden.glob("model_*/golden_io.npz"))
     if not folders:
         print(f"no model_* folders in {args.golden}", file=sys.stderr)
         return 2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+import runpy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,48 +15,25 @@ from flax import nnx
 import mra_jax
 from mra_jax.conversion.hf_names import hf_name, to_hf_tensor
 
-CLASSES = {
-    "model_base": mra_jax.MraModel,
-    "model_masked_lm": mra_jax.MraForMaskedLM,
-    "model_sequence_classification": mra_jax.MraForSequenceClassification,
-    "model_multiple_choice": mra_jax.MraForMultipleChoice,
-    "model_token_classification": mra_jax.MraForTokenClassification,
-    "model_question_answering": mra_jax.MraForQuestionAnswering,
-}
-
-
-def _inputs(z) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(z[k]) for k in z.files if not k.startswith(("out_", "grad/"))}
-
-
-def _output(out, key: str) -> jax.Array:
-    field = key.removeprefix("out_")
-    if field.startswith("hidden_state_"):
-        return out.hidden_states[int(field.rsplit("_", 1)[1])]
-    return getattr(out, field)
+compare_model = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "golden_parity.py"))[
+    "compare_model"]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_outputs_and_loss_match_hf(case):
-    z = np.load(GOLDEN / case / "golden_io.npz")
-    model = CLASSES[case].from_pretrained(GOLDEN / case)
-    out = model(**_inputs(z), output_hidden_states=True)
-    keys = [k for k in z.files if k.startswith("out_")]
-    assert keys
-    if case != "model_base":
-        assert "out_loss" in keys
-    for key in keys:
-        got, ref = np.asarray(_output(out, key)), z[key]
-        assert got.shape == ref.shape, key
-        assert np.max(np.abs(got - ref)) < 1e-4, key
+    rows = compare_model(GOLDEN / case)
+    fields = {field for field, _, _ in rows}
+    stored = {k.removeprefix("out_") for k in np.load(GOLDEN / case / "golden_io.npz").files if k.startswith("out_")}
+    assert fields == stored and (case == "model_base" or "loss" in fields)
+    assert max(err for _, err, _ in rows) < 1e-4, rows
 
 
 @pytest.mark.parametrize("case", ["model_masked_lm", "model_sequence_classification"])
 def test_parameter_gradients_match_hf(case):
     z = np.load(GOLDEN / case / "golden_io.npz")
-    model = CLASSES[case].from_pretrained(GOLDEN / case)
+    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(GOLDEN / case)).from_pretrained(GOLDEN / case)
     graphdef, params = nnx.split(model, nnx.Param)
-    inputs = _inputs(z)
+    inputs = {k: jnp.asarray(z[k]) for k in z.files if not k.startswith(("out_", "grad/"))}
     grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(**inputs).loss))(params)
     flat = list(nnx.to_flat_state(grads))
     golden = {k.removeprefix("grad/") for k in z.files if k.startswith("grad/")}
@@ -61,3 +41,11 @@ def test_parameter_gradients_match_hf(case):
     errors = {hf_name(path): rel_err(to_hf_tensor(path, np.asarray(g.get_value())), z[f"grad/{hf_name(path)}"])
               for path, g in flat}
     assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_model_class_from_config():
+    for case in MODEL_CASES:
+        config = mra_jax.MraConfig.from_pretrained(GOLDEN / case)
+        assert mra_jax.model_class(config).__name__ == config.extra["architectures"][0]
+    with pytest.raises(ValueError, match="architectures"):
+        mra_jax.model_class(mra_jax.MraConfig())

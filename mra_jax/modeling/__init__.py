@@ -1,6 +1,7 @@
 """The MRA Flax NNX modules, mirroring HF's ``modeling_mra`` names."""
 
 from mra_jax.modeling.models import (
+    MODEL_CLASSES,
     MraForMaskedLM,
     MraForMultipleChoice,
     MraForQuestionAnswering,
@@ -8,9 +9,11 @@ from mra_jax.modeling.models import (
     MraForTokenClassification,
     MraModel,
     MraPreTrainedModel,
+    model_class,
 )
 
 __all__ = [
+    "MODEL_CLASSES",
     "MraForMaskedLM",
     "MraForMultipleChoice",
     "MraForQuestionAnswering",
@@ -18,4 +21,5 @@ __all__ = [
     "MraForTokenClassification",
     "MraModel",
     "MraPreTrainedModel",
+    "model_class",
 ]

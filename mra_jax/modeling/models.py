@@ -285,3 +285,19 @@ class MraForQuestionAnswering(_MraWithHead):
             loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
                                             hidden_states=out.hidden_states)
+
+
+MODEL_CLASSES: dict[str, type[MraPreTrainedModel]] = {
+    cls.__name__: cls
+    for cls in (MraModel, MraForMaskedLM, MraForSequenceClassification, MraForMultipleChoice,
+                MraForTokenClassification, MraForQuestionAnswering)
+}
+"""The six classes by HF architecture name (the ``architectures`` entry of a ``config.json``)."""
+
+
+def model_class(config: MraConfig) -> type[MraPreTrainedModel]:
+    """The class named by ``config``'s ``architectures`` entry."""
+    names = config.extra.get("architectures") or []
+    if len(names) != 1 or names[0] not in MODEL_CLASSES:
+        raise ValueError(f"config.json names architectures {names!r}; expected one of {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[names[0]]
