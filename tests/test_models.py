@@ -270,11 +270,6 @@ def test_strict_loading_lists_every_problem(checkpoint):
         assert name in message
 
 
-def test_loading_into_the_wrong_class_fails(checkpoint):
-    with pytest.raises(ValueError, match=r"missing tensors: cls\.predictions"):
-        mra_jax.MraForMaskedLM.from_pretrained(checkpoint)
-
-
 def test_loading_errors_name_the_file(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         mra_jax.MraModel.from_pretrained(tmp_path / "nowhere")
@@ -283,7 +278,7 @@ def test_loading_errors_name_the_file(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"cannot read safetensors file .*model\.safetensors"):
         mra_jax.MraForSequenceClassification.from_pretrained(checkpoint)
     (checkpoint / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+    with pytest.raises(FileNotFoundError, match="no weights in"):
         mra_jax.MraForSequenceClassification.from_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     config["num_attention_heads"] = 3

@@ -12,6 +12,12 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+BASE_PREFIX = "mra."
+"""HF's ``base_model_prefix``: task models hold the encoder under ``mra``."""
+
+LM_BIAS = "cls.predictions.bias"
+DECODER_BIAS = "cls.predictions.decoder.bias"
+
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 IGNORED_HF_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")

@@ -6,11 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mra_jax.configuration import MraConfig
+from mra_jax.configuration import POSITION_OFFSET, MraConfig
 from mra_jax.modeling.common import Dropout, Dtype, layer_norm
-
-POSITION_OFFSET = 2
-"""HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
 
 class MraEmbeddings(nnx.Module):

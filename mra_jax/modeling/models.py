@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from mra_jax import losses
-from mra_jax.configuration import MraConfig
-from mra_jax.conversion.safetensors_io import read_safetensors_dir
-from mra_jax.conversion.state_dict import load_hf_state_dict
+from mra_jax.atomic import atomic_directory
+from mra_jax.checkpoint import PARAMS_DIR, OrbaxSource, is_orbax_checkpoint, save_params
+from mra_jax.configuration import POSITION_OFFSET, MraConfig
+from mra_jax.conversion.hf_export import write_hf_checkpoint
+from mra_jax.conversion.hf_files import WEIGHT_FILES, has_hf_weights, open_hf_weights
+from mra_jax.conversion.loading import HFSource, load_params
 from mra_jax.modeling.common import Dropout, Dtype, as_rngs, linear
-from mra_jax.modeling.embeddings import POSITION_OFFSET, MraEmbeddings
+from mra_jax.modeling.embeddings import MraEmbeddings
 from mra_jax.modeling.encoder import MraEncoder
 from mra_jax.modeling.heads import MraClassificationHead, MraOnlyMLMHead
 from mra_jax.modeling.outputs import (
@@ -26,6 +31,7 @@ from mra_jax.modeling.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from mra_jax.sharding import param_shardings
 
 Rngs = nnx.Rngs | jax.Array | int | None
 
@@ -45,26 +51,75 @@ def _check_range(name: str, ids: jax.Array | None, upper: int, what: str) -> Non
 
 
 class MraPreTrainedModel(nnx.Module):
-    """Shared construction and loading for the six model classes."""
+    """Shared construction, loading and saving for the six model classes."""
 
     def __init__(self, config: MraConfig):
         self.config = config
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32) -> Self:
-        """Load an HF checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded index).
+                        param_dtype: Dtype = jnp.float32, mesh: Mesh | None = None,
+                        rules: str | Mapping[str, str | None] = "fsdp", num_labels: int | None = None, seed: int = 0,
+                        progress: Callable[[int, int], None] | None = None) -> Self:
+        """Load an HF checkpoint directory (``config.json`` with ``model.safetensors``, a sharded safetensors index
+        or ``pytorch_model.bin``) or an Orbax checkpoint written by `save_pretrained` (detected).
 
-        Every parameter must be in the checkpoint under its HF name with HF's shape, and every tensor of the
-        checkpoint must be used (buffers and tied decoder keys aside); otherwise a `ValueError` lists them all.
+        Args:
+          dtype: compute dtype; param_dtype: dtype the parameters are stored in.
+          mesh, rules: place each parameter directly with its sharding (`mra_jax.sharding`), tensor by tensor.
+          num_labels: override the number of labels of the checkpoint's config (for a new classification head).
+          seed: initialises head parameters the checkpoint does not have (another head or the bare encoder).
+          progress: called with ``(done, total)`` as tensors are loaded.
+
+        Every encoder parameter must be present with HF's shape, and a checkpoint of this very class must hold the
+        whole head; otherwise a `ValueError` lists every missing, unexpected and mis-shaped tensor.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path} does not exist")
         config = MraConfig.from_pretrained(path)
-        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        load_hf_state_dict(model, read_safetensors_dir(path), source=path)
+        architecture = (config.extra.get("architectures") or [None])[0]
+        if num_labels is not None:
+            config = config.with_num_labels(num_labels)
+        if is_orbax_checkpoint(path):
+            source = OrbaxSource(path, architecture)
+        elif has_hf_weights(path):
+            source = HFSource(open_hf_weights(path), architecture, path)
+        else:
+            raise FileNotFoundError(f"no weights in {path}: expected {', '.join(WEIGHT_FILES)} or an Orbax "
+                                    f"checkpoint ({PARAMS_DIR}/)")
+
+        def build() -> Self:
+            return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+
+        def init(paths: list[tuple]) -> dict[tuple, jax.Array]:
+            def fresh() -> list[jax.Array]:
+                flat = dict(nnx.to_flat_state(nnx.state(build(), nnx.Param)))
+                return [flat[p].get_value() for p in paths]
+
+            return dict(zip(paths, jax.jit(fresh)(), strict=True))
+
+        model = nnx.eval_shape(build)
+        shardings = None if mesh is None else param_shardings(model, mesh, rules)
+        report = load_params(model, source, shardings=shardings, init=init, progress=progress)
+        report.warn(source.description, cls.__name__)
         return model
+
+    def save_pretrained(self, path: str | os.PathLike, *, format: str = "orbax", force: bool = False) -> None:
+        """Write the model to the directory ``path``, completely or not at all.
+
+        ``format="orbax"``: ``config.json`` and an Orbax checkpoint of the parameters (``params/``, NNX layout,
+        restorable onto any mesh). ``format="hf"``: ``config.json`` and ``model.safetensors`` as transformers writes
+        them. An existing ``path`` is replaced only with ``force=True``.
+        """
+        if format not in ("orbax", "hf"):
+            raise ValueError(f"format must be 'orbax' or 'hf', got {format!r}")
+        with atomic_directory(path, force=force) as tmp:
+            if format == "hf":
+                write_hf_checkpoint(self, tmp)
+            else:
+                self.config.with_extra(architectures=[type(self).__name__]).save_pretrained(tmp)
+                save_params(tmp, {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(self, nnx.Param))})
 
 
 class MraModel(MraPreTrainedModel):
@@ -299,5 +354,6 @@ def model_class(config: MraConfig) -> type[MraPreTrainedModel]:
     """The class named by ``config``'s ``architectures`` entry."""
     names = config.extra.get("architectures") or []
     if len(names) != 1 or names[0] not in MODEL_CLASSES:
-        raise ValueError(f"config.json names architectures {names!r}; expected one of {sorted(MODEL_CLASSES)}")
+        raise ValueError(f"cannot tell the model class: config.json's architectures is {names!r}, expected one of "
+                         f"{sorted(MODEL_CLASSES)} (name the class explicitly, e.g. --architecture)")
     return MODEL_CLASSES[names[0]]

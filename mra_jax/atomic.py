@@ -1,0 +1,36 @@
+"""Write a directory completely or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a temporary directory beside ``out`` and move it to ``out`` only if the block succeeds.
+
+    An existing ``out`` raises `FileExistsError` unless ``force``, in which case it is replaced only after the new
+    content is complete. On any error the temporary directory is removed and ``out`` is left as it was.
+    """
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

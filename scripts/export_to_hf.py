@@ -1,0 +1,42 @@
+"""Export an Orbax checkpoint of mra-jax (or any checkpoint from_pretrained reads) as an HF directory.
+
+Usage: python scripts/export_to_hf.py --checkpoint IN --out OUT [--force]
+
+OUT gets config.json and model.safetensors (float32) that transformers' MraFor* classes load with no missing or
+unexpected keys; it is written aside and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import mra_jax
+from mra_jax.progress import ProgressBar
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory (config.json + params/)")
+    parser.add_argument("--out", required=True, help="output HF directory")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if os.path.exists(args.out) and not args.force:
+        print(f"error: {args.out} already exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    try:
+        cls = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(args.checkpoint))
+        model = cls.from_pretrained(args.checkpoint, progress=ProgressBar("reading"))
+        model.save_pretrained(args.out, format="hf", force=args.force)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {cls.__name__} as an HF checkpoint to {args.out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
