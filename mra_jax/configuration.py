@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from mra_jax.activations import ACT2FN
+
 BLOCK_SIZE = 32
 """Tokens per MRA block (fixed by the method)."""
 
@@ -14,7 +16,6 @@ POSITION_OFFSET = 2
 """HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
 _APPROX_MODES = ("full", "sparse")
-_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
@@ -56,7 +57,13 @@ class MraConfig:
 
     def __post_init__(self) -> None:
         labels = {0: "LABEL_0", 1: "LABEL_1"} if self.id2label is None else self.id2label
-        object.__setattr__(self, "id2label", {int(k): str(v) for k, v in labels.items()})
+        if not isinstance(labels, dict):
+            raise ValueError(f"invalid MraConfig: id2label must be a mapping, got {labels!r}")
+        try:
+            labels = {int(k): str(v) for k, v in labels.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid MraConfig: id2label keys must be integers, got {list(labels)!r}") from e
+        object.__setattr__(self, "id2label", labels)
         self.validate()
 
     def __hash__(self) -> int:
@@ -91,39 +98,52 @@ class MraConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise `ValueError` naming every field that is out of range."""
+        """Raise `ValueError` naming every field that is out of range or of the wrong type."""
         errors = []
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "type_vocab_size", "block_per_row")
-        for name in positive:
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "block_per_row"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
-        if not errors and self.hidden_size % self.num_attention_heads:
+        if is_int(self.hidden_size) and is_int(self.num_attention_heads) and self.num_attention_heads > 0 \
+                and self.hidden_size % self.num_attention_heads:
             errors.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                           f"({self.num_attention_heads})")
+        if is_int(self.max_position_embeddings) and 0 < self.max_position_embeddings < BLOCK_SIZE:
+            errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
+                          f"got {self.max_position_embeddings}")
         if self.approx_mode not in _APPROX_MODES:
             errors.append(f"approx_mode must be one of {_APPROX_MODES}, got {self.approx_mode!r}")
         for name in ("initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 errors.append(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {value!r}")
-        if self.hidden_act not in _ACTIVATIONS:
-            errors.append(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
-        if self.layer_norm_eps <= 0:
-            errors.append(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                errors.append(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.hidden_act not in ACT2FN:
+            errors.append(f"hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
+        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+            errors.append(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        if not is_number(self.initializer_range) or self.initializer_range < 0:
+            errors.append(f"initializer_range must be a non-negative number, got {self.initializer_range!r}")
         if self.problem_type not in _PROBLEM_TYPES:
             errors.append(f"problem_type must be one of {_PROBLEM_TYPES}, got {self.problem_type!r}")
         if not self.id2label:
             errors.append("id2label must name at least one label")
-        if isinstance(self.max_position_embeddings, int) and 0 < self.max_position_embeddings < BLOCK_SIZE:
-            errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
-                          f"got {self.max_position_embeddings}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                errors.append(f"{name} must be an integer or null, got {value!r}")
+        if is_int(self.pad_token_id) and is_int(self.vocab_size) and not 0 <= self.pad_token_id < self.vocab_size:
             errors.append(f"pad_token_id ({self.pad_token_id}) is outside the vocabulary of {self.vocab_size}")
         if self.model_type != "mra":
             errors.append(f"model_type must be 'mra', got {self.model_type!r}")

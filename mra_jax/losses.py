@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 IGNORE_INDEX = -100
+
+
+def check_class_labels(name: str, labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """On concrete inputs: integer labels in ``[0, num_classes)`` or ``ignore_index``, else a `ValueError`.
+
+    (Under ``jax.jit`` the values cannot be checked; an out-of-range label then gives a NaN loss.)
+    """
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers, got {labels.dtype}")
+    if isinstance(labels, jax.core.Tracer):
+        return
+    values = np.asarray(labels)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    if bad.size:
+        raise ValueError(f"{name} must be in [0, {num_classes}) or {ignore_index} (ignored), got e.g. "
+                         f"{bad[:5].tolist()}")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
@@ -14,6 +31,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
 
     ``logits`` ``[..., C]``, ``labels`` ``[...]`` integers.
     """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {logits.shape[:-1]}, got {labels.shape}")
+    check_class_labels("labels", labels, logits.shape[-1], ignore_index)
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
@@ -41,11 +61,19 @@ def sequence_classification_loss(logits: jax.Array, labels: jax.Array, problem_t
             problem_type = "multi_label_classification"
     if problem_type == "regression":
         if num_labels == 1:
-            return mse(jnp.squeeze(logits), jnp.squeeze(labels))
-        return mse(logits, labels)
+            if labels.size != logits.shape[0]:
+                raise ValueError(f"regression labels must hold one value per example, got shape {labels.shape}")
+            return mse(logits.reshape(-1), labels.reshape(-1))
+        return mse(logits, _same_shape(labels, logits))
     if problem_type == "single_label_classification":
         return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
-    return binary_cross_entropy_with_logits(logits, labels)
+    return binary_cross_entropy_with_logits(logits, _same_shape(labels, logits))
+
+
+def _same_shape(labels: jax.Array, logits: jax.Array) -> jax.Array:
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must have the logits' shape {logits.shape}, got {labels.shape}")
+    return labels
 
 
 def span_loss(start_logits: jax.Array, end_logits: jax.Array, start_positions: jax.Array,
@@ -56,6 +84,9 @@ def span_loss(start_logits: jax.Array, end_logits: jax.Array, start_positions: j
     def one(logits: jax.Array, positions: jax.Array) -> jax.Array:
         if positions.ndim > 1:
             positions = positions.squeeze(-1)
+        if positions.shape != logits.shape[:1] or not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"start/end positions must be integers of shape {logits.shape[:1]}, "
+                             f"got {positions.dtype} {positions.shape}")
         return cross_entropy(logits, jnp.clip(positions, 0, seq), ignore_index=seq)
 
     return (one(start_logits, start_positions) + one(end_logits, end_positions)) / 2

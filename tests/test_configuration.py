@@ -73,11 +73,25 @@ def test_num_labels_from_label2id_or_num_labels():
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(problem_type="ranking"), "problem_type"),
         (dict(pad_token_id=70000), "outside the vocabulary"),
+        (dict(pad_token_id=1.0), "pad_token_id must be an integer"),
+        (dict(hidden_dropout_prob=None), "hidden_dropout_prob must be a number"),
+        (dict(layer_norm_eps=None), "layer_norm_eps must be a positive number"),
+        (dict(vocab_size="100"), "vocab_size must be a positive integer"),
+        (dict(initializer_range=-0.1), "initializer_range must be a non-negative number"),
+        (dict(id2label={"a": "x"}), "id2label keys must be integers"),
     ],
 )
 def test_validation_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         MraConfig(**fields)
+
+
+def test_every_hf_activation_name_is_known():
+    from mra_jax.activations import ACT2FN
+
+    for name in ("gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu"):
+        assert name in ACT2FN
+        MraConfig(hidden_act=name)
 
 
 def test_every_problem_is_reported_at_once():

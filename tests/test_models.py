@@ -301,3 +301,58 @@ def test_nnx_jit_and_optimizer_train():
 
     losses = [float(step(model, optimizer)) for _ in range(4)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(("cls", "head_calls"), [
+    (mra_jax.MraModel, 0), (mra_jax.MraForMaskedLM, 0), (mra_jax.MraForSequenceClassification, 2),
+    (mra_jax.MraForMultipleChoice, 0), (mra_jax.MraForTokenClassification, 1), (mra_jax.MraForQuestionAnswering, 0)])
+def test_dropout_sites_are_hfs(cls, head_calls, monkeypatch):
+    """HF applies dropout after the embeddings, after each attention output and FFN output, and in the heads:
+    twice in the sequence-classification head, once before the token classifier, nowhere else."""
+    from mra_jax.modeling.common import Dropout
+
+    calls = []
+    original = Dropout.__call__
+
+    def counting(self, x, deterministic, rngs):
+        calls.append(x.shape)
+        return original(self, x, deterministic, rngs)
+
+    monkeypatch.setattr(Dropout, "__call__", counting)
+    model = cls(CONFIG, rngs=nnx.Rngs(0))
+    inputs = {k: v for k, v in _inputs(cls).items() if k in ("input_ids", "attention_mask")}
+    model(**inputs, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    assert len(calls) == 1 + 2 * CONFIG.num_hidden_layers + head_calls
+
+
+def test_every_parameter_gets_a_gradient():
+    model = mra_jax.MraForSequenceClassification(CONFIG, rngs=nnx.Rngs(0))
+    inputs = _inputs(mra_jax.MraForSequenceClassification)
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: nnx.merge(graphdef, p)(**inputs).loss)(params)
+    zero = [hf_name(p) for p, g in nnx.to_flat_state(grads) if not np.any(np.asarray(g.get_value()))]
+    assert zero == []
+
+
+def test_inputs_may_be_lists_and_numpy():
+    model = mra_jax.MraForSequenceClassification(CONFIG, rngs=nnx.Rngs(0))
+    ids, mask = _batch()
+    ref = model(ids, attention_mask=mask, labels=jnp.asarray([0, 2]))
+    out = model(np.asarray(ids).tolist(), attention_mask=np.asarray(mask), labels=[0, 2])
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=1e-6)
+    assert float(out.loss) == float(ref.loss)
+
+
+@pytest.mark.parametrize(("cls", "labels", "message"), [
+    (mra_jax.MraForSequenceClassification, {"labels": [0, -1]}, r"labels must be in \[0, 3\) or -100"),
+    (mra_jax.MraForSequenceClassification, {"labels": [0, 3]}, r"labels must be in \[0, 3\)"),
+    (mra_jax.MraForSequenceClassification, {"labels": [[1.0, 0.0], [0.0, 1.0]]}, "logits' shape"),
+    (mra_jax.MraForMaskedLM, {"labels": np.full((B, S), 99)}, r"labels must be in \[0, 99\)"),
+    (mra_jax.MraForMultipleChoice, {"labels": [[0], [1]]}, r"labels must have shape \(2,\)"),
+    (mra_jax.MraForQuestionAnswering, {"start_positions": [1.5, 2.0], "end_positions": [1, 2]}, "positions must be"),
+])
+def test_bad_labels_raise_clear_errors(cls, labels, message):
+    model = cls(CONFIG, rngs=nnx.Rngs(0))
+    inputs = {k: v for k, v in _inputs(cls).items() if k in ("input_ids", "attention_mask")}
+    with pytest.raises(ValueError, match=message):
+        model(**inputs, **labels)

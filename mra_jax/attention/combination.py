@@ -20,9 +20,10 @@ def combine(high: HighResolution, low: LowResolution | None, selected: jax.Array
     """
     out_hi, norm_hi = high.out, high.normalizer
     if low is not None:
-        row_max = low.row_max[..., 0]                                          # [.., n]
+        row_max = low.row_max[..., 0]                                           # [.., n]
         weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected) * low.token_count[..., None, :]
-        out_lo = jnp.repeat(weights @ low.value_hat, BLOCK_SIZE, axis=-2)    # [.., S, d]
+        out_lo = jnp.matmul(weights, low.value_hat, precision=jax.lax.Precision.HIGHEST)
+        out_lo = jnp.repeat(out_lo, BLOCK_SIZE, axis=-2)                       # [.., S, d]
         norm_lo = jnp.repeat(weights.sum(axis=-1), BLOCK_SIZE, axis=-1)       # [.., S]
         delta = (jnp.repeat(row_max, BLOCK_SIZE, axis=-1) - high.row_max) * mask
         low_corr = jnp.exp(delta * (delta <= 0))

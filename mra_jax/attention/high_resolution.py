@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mra_jax.attention.low_resolution import PAD_PENALTY
+from mra_jax.attention.low_resolution import PAD_PENALTY, matmul_precision
 from mra_jax.configuration import BLOCK_SIZE
 
 EMPTY_ROW_MAX = -1e5
@@ -35,7 +35,10 @@ def quantized_block_max(block_max: jax.Array, rows: jax.Array, n: int) -> jax.Ar
     """
     quantized = (block_max * 1000.0).astype(jnp.int32)
     init = jnp.full((n, BLOCK_SIZE), int(EMPTY_ROW_MAX * 1000), jnp.int32)
-    return init.at[rows].max(quantized).astype(jnp.float32) / 1000.0
+    row_max = init.at[rows].max(quantized).astype(jnp.float32)
+    # Correctly rounded int / 1000 as HF's kernel: XLA turns division by a constant into a multiplication by its
+    # reciprocal (1 ulp off half the time), so the divisor is made an array it cannot fold.
+    return row_max / (1000.0 + 0.0 * row_max)
 
 
 def _high_resolution_single(query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.Array,
@@ -48,12 +51,14 @@ def _high_resolution_single(query: jax.Array, key: jax.Array, value: jax.Array, 
     k_blocks = key.reshape(n, BLOCK_SIZE, d)[cols]
     v_blocks = value.reshape(n, BLOCK_SIZE, d)[cols]
     # Logits in HF's [key, query] block layout.
-    logits = jnp.einsum("kad,kcd->kac", k_blocks, q_blocks, preferred_element_type=jnp.float32) / scale
+    precision = matmul_precision(query.dtype)
+    logits = jnp.einsum("kad,kcd->kac", k_blocks, q_blocks, precision=precision,
+                        preferred_element_type=jnp.float32) / scale
     row_max = jax.lax.stop_gradient(quantized_block_max(logits.max(axis=1), rows, n))
     key_pad = 1.0 - key_mask.reshape(n, BLOCK_SIZE)[cols]
     logits = logits - row_max[rows][:, None, :] - PAD_PENALTY * key_pad[:, :, None]
     probs = jnp.exp(logits)
-    block_out = jnp.einsum("kac,kad->kcd", probs.astype(value.dtype), v_blocks,
+    block_out = jnp.einsum("kac,kad->kcd", probs.astype(value.dtype), v_blocks, precision=precision,
                            preferred_element_type=jnp.float32)
     out = jax.ops.segment_sum(block_out, rows, num_segments=n).reshape(s, d)
     normalizer = jax.ops.segment_sum(probs.sum(axis=1), rows, num_segments=n).reshape(s)

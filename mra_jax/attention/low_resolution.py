@@ -16,6 +16,12 @@ EPS = 1e-6
 """HF's ``+1e-6`` in block means and in the final normaliser."""
 
 
+def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    """Full float32 products for float32 inputs (as HF; GPUs would use TF32 and TPUs bfloat16 by default, which
+    can change the block selection); the backend default for lower precisions."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 class LowResolution(NamedTuple):
     """Block-level quantities of one attention call; leading axes ``[batch, heads]``.
 
@@ -23,12 +29,14 @@ class LowResolution(NamedTuple):
     row_max: ``[.., n, 1]`` row max of the logits taken *before* the penalty (HF's order).
     token_count: ``[.., n]`` unpadded tokens per block (float, no gradient).
     value_hat: ``[.., n, d]`` masked block means of the values, or ``None`` when not needed.
+    scores: ``[.., n, n]`` ``logits - row_max`` for the block selection (no gradient).
     """
 
     logits: jax.Array
     row_max: jax.Array
     token_count: jax.Array
     value_hat: jax.Array | None
+    scores: jax.Array
 
 
 def block_sums(x: jax.Array) -> jax.Array:
@@ -50,8 +58,11 @@ def low_resolution(query: jax.Array, key: jax.Array, value: jax.Array | None, ma
     query_hat = block_sums(query) / denom
     key_hat = block_sums(key) / denom
     value_hat = None if value is None else block_sums(value) / denom
-    logits = jnp.einsum("...id,...jd->...ij", query_hat, key_hat) / scale
+    products = jnp.einsum("...id,...jd->...ij", query_hat, key_hat, precision=jax.lax.Precision.HIGHEST)
+    logits = products / scale
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    padded_pair = (count[..., :, None] * count[..., None, :]) < 0.5
-    logits = logits - PAD_PENALTY * padded_pair.astype(logits.dtype)
-    return LowResolution(logits, row_max, count, value_hat)
+    penalty = PAD_PENALTY * ((count[..., :, None] * count[..., None, :]) < 0.5).astype(logits.dtype)
+    # Selection scores logits - row_max, with each row's max at exactly 0 (HF's ties between rows): subtracting
+    # before scaling guarantees it, whereas XLA may round `products / scale` differently in different fusions.
+    scores = (products - jnp.max(products, axis=-1, keepdims=True)) / scale - penalty
+    return LowResolution(logits - penalty, row_max, count, value_hat, jax.lax.stop_gradient(scores))

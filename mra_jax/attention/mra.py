@@ -45,7 +45,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     Args:
       query, key, value: ``[batch, seq, heads, head_dim]`` (``jax.nn.dot_product_attention`` layout), float32 or
         bfloat16; statistics are kept in float32.
-      mask: ``[batch, seq]`` with 1 = token, 0 = padding, or ``None`` for no padding.
+      mask: ``[batch, seq]`` with 1 = token, 0 = padding (values are truncated to integers, as HF's ``.int()``),
+        or ``None`` for no padding.
       num_blocks: budget of high-resolution 32x32 block pairs per (batch, head); capped at the ``n * n`` pairs
         that exist (``n = ceil(seq / 32)``).
       approx_mode: ``"full"`` (high resolution on the selected pairs, low resolution elsewhere) or ``"sparse"``
@@ -67,7 +68,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     num_blocks = min(num_blocks, n * n)
     scale = math.sqrt(head_dim)
 
-    mask = jnp.ones((batch, seq), jnp.float32) if mask is None else jax.lax.stop_gradient(mask)
+    # As HF's .int(): 1 = token, 0 = padding, fractions truncated.
+    mask = jnp.ones((batch, seq), jnp.int32) if mask is None else jax.lax.stop_gradient(mask).astype(jnp.int32)
     mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, padded - seq)))
     # [B, S, H, d] -> [B, H, S, d], padded and masked.
     q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -79,7 +81,7 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     low = low_resolution(f32[0], f32[1], f32[2] if full else None, head_mask, scale)
     if not full:
         low = jax.tree.map(jax.lax.stop_gradient, low)
-    indices = select_blocks(low.logits - low.row_max, num_blocks, initial_prior_first_n_blocks,
+    indices = select_blocks(low.scores, num_blocks, initial_prior_first_n_blocks,
                             initial_prior_diagonal_n_blocks)
     high = high_resolution_reference(q, k, v, mask, indices, scale)
     out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)

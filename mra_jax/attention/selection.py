@@ -13,17 +13,20 @@ def add_priors(scores: jax.Array, first_n_blocks: int, diagonal_n_blocks: int) -
     """Add HF's priors to ``[.., n, n]`` block scores.
 
     Diagonal prior: +5000 on the band ``|i - j| <= diagonal_n_blocks // 2``. First-n prior: +5000 on the first
-    ``first_n_blocks`` query rows and again on the first key columns (their corner gets +10000).
+    ``first_n_blocks`` query rows and again on the first key columns (their corner gets +10000). The bonuses are
+    added one at a time in HF's order, so that float32 rounding (and hence ties in the top-k) is HF's.
     """
     n = scores.shape[-1]
     i = jnp.arange(n)[:, None]
     j = jnp.arange(n)[None, :]
-    prior = jnp.zeros((n, n), scores.dtype)
+    bands = []
     if diagonal_n_blocks > 0:
-        prior += PRIOR_BONUS * (jnp.abs(i - j) <= diagonal_n_blocks // 2)
+        bands.append(jnp.abs(i - j) <= diagonal_n_blocks // 2)
     if first_n_blocks > 0:
-        prior += PRIOR_BONUS * (i < first_n_blocks) + PRIOR_BONUS * (j < first_n_blocks)
-    return scores + prior
+        bands += [jnp.broadcast_to(i < first_n_blocks, (n, n)), jnp.broadcast_to(j < first_n_blocks, (n, n))]
+    for band in bands:
+        scores = scores + PRIOR_BONUS * band.astype(scores.dtype)
+    return scores
 
 
 def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0,

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mra_jax.attention.low_resolution import matmul_precision
 from mra_jax.configuration import MraConfig
-
-ACT2FN: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 Dtype = Any
 
@@ -33,9 +23,11 @@ def as_rngs(rngs: nnx.Rngs | jax.Array | int | None) -> nnx.Rngs | None:
 
 def linear(config: MraConfig, in_features: int, out_features: int, rngs: nnx.Rngs, dtype: Dtype,
            param_dtype: Dtype) -> nnx.Linear:
-    """HF's ``nn.Linear`` with its initialisation: weights N(0, initializer_range), biases 0."""
+    """HF's ``nn.Linear`` with its initialisation: weights N(0, initializer_range), biases 0; full float32 products
+    when computing in float32."""
     return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+                      precision=matmul_precision(dtype), kernel_init=nnx.initializers.normal(config.initializer_range),
+                      rngs=rngs)
 
 
 def layer_norm(config: MraConfig, rngs: nnx.Rngs, param_dtype: Dtype) -> nnx.LayerNorm:

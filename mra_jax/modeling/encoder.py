@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mra_jax.activations import ACT2FN
 from mra_jax.attention import mra_attention
 from mra_jax.configuration import MraConfig
-from mra_jax.modeling.common import ACT2FN, Dropout, Dtype, layer_norm, linear
+from mra_jax.modeling.common import Dropout, Dtype, layer_norm, linear
 
 
 class MraSelfAttention(nnx.Module):

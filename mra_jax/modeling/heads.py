@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mra_jax.activations import ACT2FN
+from mra_jax.attention.low_resolution import matmul_precision
 from mra_jax.configuration import MraConfig
-from mra_jax.modeling.common import ACT2FN, Dropout, Dtype, layer_norm, linear
+from mra_jax.modeling.common import Dropout, Dtype, layer_norm, linear
 
 
 class MraPredictionHeadTransform(nnx.Module):
@@ -25,10 +27,13 @@ class MraLMPredictionHead(nnx.Module):
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
         self.transform = MraPredictionHeadTransform(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.dtype = dtype
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
 
     def __call__(self, hidden_states: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
-        logits = word_embeddings.attend(self.transform(hidden_states))
+        hidden_states = self.transform(hidden_states).astype(self.dtype)
+        table = word_embeddings.embedding[...].astype(self.dtype)
+        logits = jnp.einsum("...h,vh->...v", hidden_states, table, precision=matmul_precision(self.dtype))
         return logits + self.bias[...].astype(logits.dtype)
 
 

@@ -36,6 +36,11 @@ from mra_jax.sharding import param_shardings
 Rngs = nnx.Rngs | jax.Array | int | None
 
 
+def _arrays(*xs: Any) -> list[jax.Array | None]:
+    """Accept lists and numpy arrays as inputs."""
+    return [None if x is None else jnp.asarray(x) for x in xs]
+
+
 def _is_concrete(x: Any) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
@@ -173,14 +178,16 @@ class MraModel(MraPreTrainedModel):
                  deterministic: bool = True, rngs: Rngs = None) -> MraModelOutput:
         """Encode ``input_ids`` ``[batch, seq]`` (or ``inputs_embeds``); ``attention_mask`` 1 = token, 0 = pad.
 
-        Deterministic (no dropout) unless ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``, key or seed).
+        Deterministic (no dropout) unless ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``, key or seed; pass a
+        new key each step, a fixed seed gives the same masks every call). Ids are range-checked on concrete inputs;
+        under ``jax.jit`` they cannot be, and an id outside the vocabulary gives NaN.
         """
+        input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = _arrays(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         batch, seq = self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         rngs = as_rngs(rngs)
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), jnp.float32)
-        # HF casts the mask with .int(): 1 = token, 0 = padding.
-        attention_mask = attention_mask.astype(jnp.int32).astype(jnp.float32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
         if position_ids is None:
@@ -225,7 +232,7 @@ class MraForMaskedLM(_MraWithHead):
         logits = self.cls(out.last_hidden_state, self.mra.embeddings.word_embeddings)
         loss = None
         if labels is not None:
-            loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
         return MaskedLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
 
 
@@ -248,7 +255,7 @@ class MraForSequenceClassification(_MraWithHead):
         logits = self.classifier(out.last_hidden_state, deterministic, rngs)
         loss = None
         if labels is not None:
-            loss = losses.sequence_classification_loss(logits, labels, self.config.problem_type)
+            loss = losses.sequence_classification_loss(logits, jnp.asarray(labels), self.config.problem_type)
         return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
 
 
@@ -268,6 +275,8 @@ class MraForMultipleChoice(_MraWithHead):
                  output_hidden_states: bool = False, deterministic: bool = True,
                  rngs: Rngs = None) -> MultipleChoiceModelOutput:
         """``labels`` ``[batch]``: the index of the right choice."""
+        input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels = _arrays(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels)
         main = input_ids if input_ids is not None else inputs_embeds
         expected = "[batch, num_choices, seq]" if input_ids is not None else "[batch, num_choices, seq, hidden]"
         if main is None or main.ndim != expected.count(",") + 1:
@@ -310,8 +319,9 @@ class MraForTokenClassification(_MraWithHead):
         logits = self.classifier(self.dropout(out.last_hidden_state, deterministic, rngs))
         loss = None
         if labels is not None:
+            labels = jnp.asarray(labels)
             if attention_mask is not None:
-                labels = jnp.where(attention_mask == 1, labels, losses.IGNORE_INDEX)
+                labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, losses.IGNORE_INDEX)
             loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return TokenClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
 
@@ -337,7 +347,7 @@ class MraForQuestionAnswering(_MraWithHead):
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+            loss = losses.span_loss(start_logits, end_logits, jnp.asarray(start_positions), jnp.asarray(end_positions))
         return QuestionAnsweringModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
                                             hidden_states=out.hidden_states)
 
