@@ -22,12 +22,21 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions
     try:
         yield tmp
         if out.exists():
+            if not force:
+                raise FileExistsError(f"{out} appeared while it was being written; pass force=True to replace it")
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous content back
+                raise
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
             tmp.rename(out)

@@ -80,5 +80,8 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: str | Mapping[str, str
     """``{path: NamedSharding}`` for every parameter of ``model`` (concrete or abstract)."""
     if isinstance(rules, str) and rules not in RULES:
         raise ValueError(f"unknown sharding rules {rules!r}; expected one of {sorted(RULES)}")
+    used = set((RULES[rules] if isinstance(rules, str) else rules).values()) - {None}
+    if used - set(mesh.axis_names):
+        raise ValueError(f"sharding rules use mesh axes {sorted(used)}, the mesh has {list(mesh.axis_names)}")
     return {path: NamedSharding(mesh, partition_spec(path, var.get_value().shape, mesh, rules))
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

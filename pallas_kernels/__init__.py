@@ -1,4 +1,21 @@
 """Block-sparse Pallas kernels for MRA's high-resolution attention (GPU Triton and TPU Mosaic).
 
 Independent of ``mra_jax``: the library depends on the kernels, never the reverse.
+
+Public API:
+
+* :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention (Pallas Triton kernels);
+* :func:`block_sparse_attention_reference` — pure-jnp oracle / fallback with the same signature;
+* :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a block selection.
 """
+
+from .layout import BlockLayout, build_block_layout
+from .ops import BLOCK, block_sparse_attention, block_sparse_attention_reference
+
+__all__ = [
+    "BLOCK",
+    "BlockLayout",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "build_block_layout",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import runpy
@@ -232,3 +233,60 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_heads_sharing_a_name_are_not_mixed(tmp_path):
+    """Token classification and multiple choice both call their last layer `classifier`: a checkpoint of one
+    gives the other a wholly new head."""
+    hf = _hf_model("MraForTokenClassification")
+    _write_hf(hf, tmp_path / "tok", "safetensors")
+    with pytest.warns(UserWarning, match="dropped: classifier.bias, classifier.weight"):
+        model = mra_jax.MraForMultipleChoice.from_pretrained(tmp_path / "tok")
+    assert model.classifier.kernel.shape == (64, 1)
+
+
+def test_decoder_weight_must_be_the_tied_embeddings(tmp_path):
+    state = _hf_model("MraForMaskedLM").state_dict()
+    state["cls.predictions.decoder.weight"] = torch.zeros(5, 5)
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    _hf_model("MraForMaskedLM").config.save_pretrained(directory)
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"decoder\.weight: checkpoint \(5, 5\), but the decoder is tied"):
+        mra_jax.MraForMaskedLM.from_pretrained(directory)
+    config = mra_jax.MraConfig.from_pretrained(directory)
+    with pytest.raises(ValueError, match="tie_word_embeddings=False is not supported"):
+        mra_jax.MraForMaskedLM(dataclasses.replace(config, tie_word_embeddings=False), rngs=nnx.Rngs(0))
+
+
+def test_legacy_and_malformed_bin_files(tmp_path):
+    hf = _hf_model("MraModel")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    hf.config.architectures = ["MraModel"]
+    hf.config.save_pretrained(legacy)
+    torch.save(hf.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    model = mra_jax.MraModel.from_pretrained(legacy)
+    want = hf.state_dict()["embeddings.word_embeddings.weight"].numpy()
+    assert np.array_equal(np.asarray(model.embeddings.word_embeddings.embedding[...]), want)
+    torch.save({"model": hf.state_dict(), "step": 5}, legacy / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin does not hold a state_dict"):
+        mra_jax.MraModel.from_pretrained(legacy)
+
+
+def test_written_checkpoints_have_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        mra_jax.MraModel.from_pretrained(GOLDEN / "model_base").save_pretrained(tmp_path / "o")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o755
+
+
+def test_mesh_without_the_rules_axes_is_a_clear_error():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(8), ("x",))
+    with pytest.raises(ValueError, match="sharding rules use mesh axes"):
+        mra_jax.MraModel.from_pretrained(GOLDEN / "model_base", mesh=mesh, rules="fsdp")

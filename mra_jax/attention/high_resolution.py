@@ -75,3 +75,24 @@ def high_resolution_reference(query: jax.Array, key: jax.Array, value: jax.Array
     per_head = jax.vmap(_high_resolution_single, in_axes=(0, 0, 0, None, 0, None))
     per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, None))
     return per_batch(query, key, value, key_mask, indices, scale)
+
+
+def high_resolution_pallas(query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.Array,
+                           indices: jax.Array, scale: float, interpret: bool) -> HighResolution:
+    """Stage 3 with the Pallas kernels (same arguments as `high_resolution_reference`).
+
+    The kernels return the normalised output ``o`` and its log-sum-exp; here they become unnormalised sums with
+    reference max ``lse`` (a constant for autodiff): ``out = o``, ``normalizer = 1``. Equal to the reference
+    contract up to HF's ``+1e-6`` terms, which see another reference max (~1e-6 relative).
+    """
+    from pallas_kernels import block_sparse_attention
+
+    batch, heads, seq, dim = query.shape
+    o, lse = block_sparse_attention(*(x.reshape(batch * heads, seq, dim) for x in (query, key, value)), key_mask,
+                                    indices.reshape(batch * heads, -1), scale=scale, num_heads=heads,
+                                    interpret=interpret)
+    finite = jnp.isfinite(lse)
+    row_max = jax.lax.stop_gradient(jnp.where(finite, lse, EMPTY_ROW_MAX))
+    normalizer = jnp.where(finite, jnp.exp(jnp.where(finite, lse, row_max) - row_max), 0.0)
+    out = o.astype(jnp.float32) * normalizer[..., None]
+    return HighResolution(*(x.reshape(batch, heads, *x.shape[1:]) for x in (out, normalizer, row_max)))

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from mra_jax.attention.combination import combine
-from mra_jax.attention.high_resolution import high_resolution_reference
+from mra_jax.attention.high_resolution import high_resolution_pallas, high_resolution_reference
 from mra_jax.attention.low_resolution import low_resolution
 from mra_jax.attention.selection import select_blocks, selected_pair_mask
 from mra_jax.configuration import BLOCK_SIZE
 
-IMPLEMENTATIONS = (None, "reference")
+IMPLEMENTATIONS = (None, "reference", "pallas")
 APPROX_MODES = ("full", "sparse")
 
 
@@ -52,7 +52,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
       approx_mode: ``"full"`` (high resolution on the selected pairs, low resolution elsewhere) or ``"sparse"``
         (selected pairs only).
       initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks: HF's priors forcing pairs into the selection.
-      implementation: ``None`` (best for the backend) or ``"reference"`` (jnp).
+      implementation: ``None`` (best for the backend: the Pallas kernels on GPU, the jnp reference elsewhere),
+        ``"reference"`` (jnp gathers and segment sums) or ``"pallas"`` (the kernels; in interpret mode on CPU).
 
     Any ``seq >= 1`` works: it is padded to a multiple of 32 with masked positions and sliced back. Any head_dim
     works, with scale ``1 / sqrt(head_dim)``. Returns ``[batch, seq, heads, head_dim]`` in the input dtype, zero at
@@ -83,6 +84,14 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
         low = jax.tree.map(jax.lax.stop_gradient, low)
     indices = select_blocks(low.scores, num_blocks, initial_prior_first_n_blocks,
                             initial_prior_diagonal_n_blocks)
-    high = high_resolution_reference(q, k, v, mask, indices, scale)
+    backend = jax.default_backend()
+    if implementation is None:
+        implementation = "pallas" if backend == "gpu" else "reference"
+    if implementation == "pallas":
+        if backend == "tpu":
+            raise ValueError("the Pallas TPU kernels are not available yet; use implementation='reference'")
+        high = high_resolution_pallas(q, k, v, mask, indices, scale, interpret=backend == "cpu")
+    else:
+        high = high_resolution_reference(q, k, v, mask, indices, scale)
     out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)
     return out.transpose(0, 2, 1, 3)[:, :seq].astype(query.dtype)

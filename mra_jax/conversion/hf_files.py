@@ -88,7 +88,12 @@ def _torch_load(path: str) -> dict:
     except ImportError as e:
         raise ImportError(f"reading {path} needs torch (pip install torch); safetensors files do not") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except Exception as e:
         raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
 
@@ -98,8 +103,9 @@ def _bin_reader(files: list[str]) -> tuple[dict[str, tuple[int, ...]], Callable[
     source: dict[str, str] = {}
     for path in files:
         shard = _torch_load(path)
-        if not isinstance(shard, dict):
-            raise ValueError(f"PyTorch checkpoint {path} does not hold a state_dict")
+        if not isinstance(shard, dict) or not all(hasattr(v, "shape") and hasattr(v, "numpy") for v in shard.values()):
+            raise ValueError(f"PyTorch checkpoint {path} does not hold a state_dict (a flat mapping of names to "
+                             "tensors)")
         state.update(shard)
         source.update(dict.fromkeys(shard, path))
     shapes = {k: tuple(v.shape) for k, v in state.items()}

@@ -17,6 +17,8 @@ BASE_PREFIX = "mra."
 
 LM_BIAS = "cls.predictions.bias"
 DECODER_BIAS = "cls.predictions.decoder.bias"
+DECODER_WEIGHT = "cls.predictions.decoder.weight"
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 

@@ -17,7 +17,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mra_jax.conversion.hf_names import BASE_PREFIX, DECODER_BIAS, LM_BIAS, from_hf_tensor, hf_name, is_ignored
+from mra_jax.conversion.hf_names import (
+    BASE_PREFIX,
+    DECODER_BIAS,
+    DECODER_WEIGHT,
+    LM_BIAS,
+    WORD_EMBEDDINGS,
+    from_hf_tensor,
+    hf_name,
+    is_ignored,
+)
 
 Path = tuple
 Request = tuple[str, Path, jax.ShapeDtypeStruct]
@@ -102,7 +111,17 @@ def plan(targets: dict[str, tuple[Path, tuple[int, ...]]], source: TensorSource,
 
     head_targets = {n for n in targets if not is_base(n)}
     same_head = source.architecture == target_class if source.architecture else bool(head_targets & set(renamed))
+    if not same_head:
+        # Another head: none of its tensors is reused, even under a shared name (token classification and multiple
+        # choice both call theirs `classifier`).
+        for name in [n for n in renamed if not is_base(n)]:
+            report.dropped.append(renamed.pop(name))
+    decoder = source.shapes.get(DECODER_WEIGHT)
+    embeddings = BASE_PREFIX + WORD_EMBEDDINGS if source_prefixed else WORD_EMBEDDINGS
     missing, unexpected, mismatched = [], [], []
+    if decoder is not None and decoder != source.shapes.get(embeddings):
+        mismatched.append(f"{DECODER_WEIGHT}: checkpoint {decoder}, but the decoder is tied to {embeddings} "
+                          f"{source.shapes.get(embeddings)}")
     for name, (path, shape) in targets.items():
         if name not in renamed:
             (missing if is_base(name) or same_head else report.initialized).append(name)
@@ -110,7 +129,7 @@ def plan(targets: dict[str, tuple[Path, tuple[int, ...]]], source: TensorSource,
             mismatched.append(f"{renamed[name]}: checkpoint {source.shapes[renamed[name]]}, model expects "
                               f"{_hf_shape(path, shape)}")
     for name, source_name in renamed.items():
-        if name not in targets and source_name != DECODER_BIAS:
+        if name not in targets and source_name != DECODER_BIAS and source_name not in report.dropped:
             (unexpected if is_base(name) or same_head else report.dropped).append(source_name)
     problems = [f"{what}: {', '.join(sorted(names)) if what != 'tensors with the wrong shape' else '; '.join(names)}"
                 for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),

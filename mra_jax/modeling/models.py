@@ -217,6 +217,9 @@ class MraForMaskedLM(_MraWithHead):
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
+        if not config.tie_word_embeddings:
+            raise ValueError("MraForMaskedLM ties its decoder to the word embeddings (as HF's MRA checkpoints do); "
+                             "tie_word_embeddings=False is not supported")
         super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.cls = MraOnlyMLMHead(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
