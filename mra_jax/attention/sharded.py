@@ -1,0 +1,44 @@
+"""`mra_attention` under `jax.shard_map`: batch and heads split over mesh axes, no communication.
+
+Everything MRA does (selection, block lists, kernels, combination) is per (batch, head), so each device runs the
+unsharded algorithm on its own slice.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from mra_jax.attention.mra import mra_attention
+
+
+def sharded_mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, mesh: Mesh,
+                          batch_axes: str | Sequence[str] | None = ("data", "fsdp"), head_axis: str | None = None,
+                          **kwargs) -> jax.Array:
+    """`mra_attention` with ``[batch, seq, heads, head_dim]`` inputs split over ``batch_axes`` (batch) and
+    ``head_axis`` (heads) of ``mesh``; the same result as the unsharded call. ``kwargs`` as `mra_attention`."""
+    if isinstance(batch_axes, str):
+        batch_axes = (batch_axes,)
+    batch_axes = tuple(a for a in (batch_axes or ()) if a in mesh.axis_names) or None
+    if head_axis is not None and head_axis not in mesh.axis_names:
+        raise ValueError(f"head_axis {head_axis!r} is not an axis of the mesh {list(mesh.axis_names)}")
+    batch_shards = math.prod(mesh.shape[a] for a in batch_axes or ())
+    if query.shape[0] % batch_shards:
+        raise ValueError(f"batch {query.shape[0]} is not divisible by the {batch_shards} shards of {batch_axes}")
+    if head_axis is not None and query.shape[2] % mesh.shape[head_axis]:
+        raise ValueError(f"{query.shape[2]} heads are not divisible by the {mesh.shape[head_axis]} shards of "
+                         f"{head_axis!r}")
+    qkv_spec = PartitionSpec(batch_axes, None, head_axis, None)
+    mask_spec = PartitionSpec(batch_axes, None)
+    body = functools.partial(mra_attention, **kwargs)
+    if mask is None:
+        fn = jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                           out_specs=qkv_spec, check_vma=False)
+        return fn(query, key, value)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,), out_specs=qkv_spec,
+                       check_vma=False)
+    return fn(query, key, value, mask)
