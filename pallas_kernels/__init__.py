@@ -4,7 +4,9 @@ Independent of ``mra_jax``: the library depends on the kernels, never the revers
 
 Public API:
 
-* :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention (Pallas Triton kernels);
+* :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention; ``backend="gpu"`` (default,
+  Pallas Triton kernels in :mod:`pallas_kernels.gpu`) or ``backend="tpu"`` (Pallas Mosaic kernels in
+  :mod:`pallas_kernels.tpu`);
 * :func:`block_sparse_attention_reference` — pure-jnp oracle / fallback with the same signature;
 * :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a block selection.
 """

@@ -20,12 +20,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import gpu
+from . import gpu, tpu
 from .layout import build_block_layout
 
 __all__ = ["BLOCK", "block_sparse_attention", "block_sparse_attention_reference"]
 
 BLOCK = gpu.BLOCK
+if tpu.BLOCK != BLOCK:  # pragma: no cover
+    raise ImportError("pallas_kernels.gpu and pallas_kernels.tpu disagree on BLOCK")
+
+_BACKENDS = {"gpu": gpu, "tpu": tpu}
 
 
 def _validate(q, k, v, key_mask, indices, num_heads: int) -> tuple[int, int, int, int, int]:
@@ -51,22 +55,24 @@ def _validate(q, k, v, key_mask, indices, num_heads: int) -> tuple[int, int, int
 # Pallas path
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _bsa(q, k, v, key_mask, indices, scale, num_heads, interpret):
-    out, _ = _bsa_fwd(q, k, v, key_mask, indices, scale, num_heads, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _bsa(q, k, v, key_mask, indices, scale, num_heads, interpret, backend):
+    out, _ = _bsa_fwd(q, k, v, key_mask, indices, scale, num_heads, interpret, backend)
     return out
 
 
-def _bsa_fwd(q, k, v, key_mask, indices, scale, num_heads, interpret):
+def _bsa_fwd(q, k, v, key_mask, indices, scale, num_heads, interpret, backend):
     layout = build_block_layout(indices, q.shape[1] // BLOCK)
-    o, lse = gpu.attention_forward(q, k, v, key_mask, layout, scale=scale, num_heads=num_heads, interpret=interpret)
+    o, lse = _BACKENDS[backend].attention_forward(
+        q, k, v, key_mask, layout, scale=scale, num_heads=num_heads, interpret=interpret
+    )
     return (o, lse), (q, k, v, key_mask, layout, o, lse)
 
 
-def _bsa_bwd(scale, num_heads, interpret, res, cts):
+def _bsa_bwd(scale, num_heads, interpret, backend, res, cts):
     q, k, v, key_mask, layout, o, lse = res
     do, dlse = cts
-    dq, dk, dv = gpu.attention_backward(
+    dq, dk, dv = _BACKENDS[backend].attention_backward(
         q, k, v, key_mask, layout, o, lse, do, dlse, scale=scale, num_heads=num_heads, interpret=interpret
     )
     return dq, dk, dv, None, None
@@ -75,14 +81,20 @@ def _bsa_bwd(scale, num_heads, interpret, res, cts):
 _bsa.defvjp(_bsa_fwd, _bsa_bwd)
 
 
-def block_sparse_attention(q, k, v, key_mask, indices, *, scale: float, num_heads: int, interpret=False):
-    """Block-sparse attention with the Pallas (Triton) kernels; returns ``(o, lse)`` (see module docstring).
+def block_sparse_attention(
+    q, k, v, key_mask, indices, *, scale: float, num_heads: int, interpret=False, backend: str = "gpu"
+):
+    """Block-sparse attention with the Pallas kernels; returns ``(o, lse)`` (see module docstring).
 
-    ``scale`` is a Python float (logits are divided by it); ``interpret`` is passed to ``pl.pallas_call``
-    (``True`` runs the kernels on CPU).
+    ``scale`` is a Python float (logits are divided by it).  ``backend`` picks the kernels: ``"gpu"`` (Triton,
+    :mod:`pallas_kernels.gpu`) or ``"tpu"`` (Mosaic, :mod:`pallas_kernels.tpu`); forward and backward use the same
+    backend.  ``interpret`` is passed to ``pl.pallas_call``: ``True`` runs the kernels on CPU, and for ``"tpu"`` a
+    ``pltpu.InterpretParams(...)`` selects the TPU interpreter.
     """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
     _validate(q, k, v, key_mask, indices, num_heads)
-    return _bsa(q, k, v, key_mask, lax.stop_gradient(indices), float(scale), int(num_heads), interpret)
+    return _bsa(q, k, v, key_mask, lax.stop_gradient(indices), float(scale), int(num_heads), interpret, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def high_resolution_reference(query: jax.Array, key: jax.Array, value: jax.Array
 
 
 def high_resolution_pallas(query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.Array,
-                           indices: jax.Array, scale: float, interpret: bool) -> HighResolution:
-    """Stage 3 with the Pallas kernels (same arguments as `high_resolution_reference`).
+                           indices: jax.Array, scale: float, backend: str, interpret: bool) -> HighResolution:
+    """Stage 3 with the Pallas kernels of ``backend`` ("gpu" or "tpu"); arguments as `high_resolution_reference`.
 
     The kernels return the normalised output ``o`` and its log-sum-exp; here they become unnormalised sums with
     reference max ``lse`` (a constant for autodiff): ``out = o``, ``normalizer = 1``. Equal to the reference
@@ -90,7 +90,7 @@ def high_resolution_pallas(query: jax.Array, key: jax.Array, value: jax.Array, k
     batch, heads, seq, dim = query.shape
     o, lse = block_sparse_attention(*(x.reshape(batch * heads, seq, dim) for x in (query, key, value)), key_mask,
                                     indices.reshape(batch * heads, -1), scale=scale, num_heads=heads,
-                                    interpret=interpret)
+                                    interpret=interpret, backend=backend)
     finite = jnp.isfinite(lse)
     row_max = jax.lax.stop_gradient(jnp.where(finite, lse, EMPTY_ROW_MAX))
     normalizer = jnp.where(finite, jnp.exp(jnp.where(finite, lse, row_max) - row_max), 0.0)

@@ -52,8 +52,9 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
       approx_mode: ``"full"`` (high resolution on the selected pairs, low resolution elsewhere) or ``"sparse"``
         (selected pairs only).
       initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks: HF's priors forcing pairs into the selection.
-      implementation: ``None`` (best for the backend: the Pallas kernels on GPU, the jnp reference elsewhere),
-        ``"reference"`` (jnp gathers and segment sums) or ``"pallas"`` (the kernels; in interpret mode on CPU).
+      implementation: ``None`` (best for the backend: the Pallas kernels on GPU, the jnp reference elsewhere — the
+        TPU kernels are checked in interpret mode and by export, not yet on TPU hardware), ``"reference"`` (jnp
+        gathers and segment sums) or ``"pallas"`` (the GPU or TPU kernels; the GPU ones in interpret mode on CPU).
 
     Any ``seq >= 1`` works: it is padded to a multiple of 32 with masked positions and sliced back. Any head_dim
     works, with scale ``1 / sqrt(head_dim)``. Returns ``[batch, seq, heads, head_dim]`` in the input dtype, zero at
@@ -88,9 +89,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     if implementation is None:
         implementation = "pallas" if backend == "gpu" else "reference"
     if implementation == "pallas":
-        if backend == "tpu":
-            raise ValueError("the Pallas TPU kernels are not available yet; use implementation='reference'")
-        high = high_resolution_pallas(q, k, v, mask, indices, scale, interpret=backend == "cpu")
+        kernels = "tpu" if backend == "tpu" else "gpu"
+        high = high_resolution_pallas(q, k, v, mask, indices, scale, kernels, interpret=backend == "cpu")
     else:
         high = high_resolution_reference(q, k, v, mask, indices, scale)
     out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)
