@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.selection import topk_indices
+
 PRIOR_BONUS = 5000.0
 """HF's additive bonus for the pairs a prior forces into the selection."""
 
@@ -40,8 +42,8 @@ def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0,
     if not 0 < num_blocks <= n * n:
         raise ValueError(f"num_blocks must be in [1, {n * n}] for {n} blocks per row, got {num_blocks}")
     scores = add_priors(jax.lax.stop_gradient(scores), first_n_blocks, diagonal_n_blocks)
-    _, indices = jax.lax.top_k(scores.reshape(*scores.shape[:-2], n * n), num_blocks)
-    return jnp.sort(indices.astype(jnp.int32), axis=-1)
+    # The same set as lax.top_k (ties included) by radix selection, several times faster at large n * n.
+    return topk_indices(scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32), num_blocks)
 
 
 def selected_pair_mask(indices: jax.Array, n: int) -> jax.Array:
