@@ -52,9 +52,10 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
       approx_mode: ``"full"`` (high resolution on the selected pairs, low resolution elsewhere) or ``"sparse"``
         (selected pairs only).
       initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks: HF's priors forcing pairs into the selection.
-      implementation: ``None`` (best for the backend: the Pallas kernels on GPU, the jnp reference elsewhere — the
-        TPU kernels are checked in interpret mode and by export, not yet on TPU hardware), ``"reference"`` (jnp
-        gathers and segment sums) or ``"pallas"`` (the GPU or TPU kernels; the GPU ones in interpret mode on CPU).
+      implementation: ``None`` (best for the backend: the Pallas kernels on GPU and TPU, the jnp reference on CPU),
+        ``"reference"`` (jnp gathers and segment sums) or ``"pallas"`` (the GPU or TPU kernels; the GPU ones in
+        interpret mode on CPU). The TPU kernels are checked in interpret mode and by export for TPU, not yet on TPU
+        hardware: pass ``"reference"`` if they fail to compile there.
 
     Any ``seq >= 1`` works: it is padded to a multiple of 32 with masked positions and sliced back. Any head_dim
     works, with scale ``1 / sqrt(head_dim)``. Returns ``[batch, seq, heads, head_dim]`` in the input dtype, zero at
@@ -87,7 +88,7 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
                             initial_prior_diagonal_n_blocks)
     backend = jax.default_backend()
     if implementation is None:
-        implementation = "pallas" if backend == "gpu" else "reference"
+        implementation = "pallas" if backend in ("gpu", "tpu") else "reference"
     if implementation == "pallas":
         kernels = "tpu" if backend == "tpu" else "gpu"
         high = high_resolution_pallas(q, k, v, mask, indices, scale, kernels, interpret=backend == "cpu")
