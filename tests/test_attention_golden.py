@@ -22,13 +22,15 @@ def test_every_golden_file_is_covered():
     assert len(ATTN_FILES) == 5
 
 
+@pytest.mark.parametrize("implementation", ["reference", "pallas"])
 @pytest.mark.parametrize("name", ATTN_FILES)
-def test_outputs_and_gradients_match_hf_cuda(name):
+def test_outputs_and_gradients_match_hf_cuda(name, implementation):
+    """Both stage-3 implementations; the Pallas kernels run in interpret mode on a CPU."""
     z = np.load(GOLDEN / name)
     kwargs = dict(num_blocks=int(z["num_blocks"]), approx_mode=str(z["approx_mode"]),
                   initial_prior_first_n_blocks=int(z["initial_prior_first_n_blocks"]),
                   initial_prior_diagonal_n_blocks=int(z["initial_prior_diagonal_n_blocks"]),
-                  implementation="reference")
+                  implementation=implementation)
     q, k, v, cotangent = (_bshd(z[n]) for n in ("query", "key", "value", "grad_output"))
     mask = jnp.asarray(z["mask"])
 

@@ -1,4 +1,5 @@
-"""`mra_attention(implementation="pallas")` (kernels in interpret mode on CPU), sharding, and the benchmark."""
+"""`mra_attention(implementation="pallas")` against the reference (kernels in interpret mode on CPU), sharding,
+and the benchmark script. The golden files run through the kernels in test_attention_golden.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, rel_err
+from conftest import rel_err
 
 from mra_jax.attention import mra_attention, sharded_mra_attention
 from mra_jax.sharding import make_mesh
@@ -18,26 +19,6 @@ from mra_jax.sharding import make_mesh
 
 def _bshd(x) -> jax.Array:
     return jnp.asarray(x).transpose(0, 2, 1, 3)
-
-
-@pytest.mark.parametrize("name", sorted(p.name for p in GOLDEN.glob("attn_*.npz")))
-def test_golden_files_through_the_kernels(name):
-    z = np.load(GOLDEN / name)
-    kwargs = dict(num_blocks=int(z["num_blocks"]), approx_mode=str(z["approx_mode"]),
-                  initial_prior_first_n_blocks=int(z["initial_prior_first_n_blocks"]),
-                  initial_prior_diagonal_n_blocks=int(z["initial_prior_diagonal_n_blocks"]), implementation="pallas")
-    q, k, v, cotangent = (_bshd(z[n]) for n in ("query", "key", "value", "grad_output"))
-    mask = jnp.asarray(z["mask"])
-
-    def f(q, k, v):
-        out = mra_attention(q, k, v, mask, **kwargs)
-        return jnp.sum(out * cotangent), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    errors = [rel_err(_bshd(np.asarray(out)), z["output"])]
-    errors += [rel_err(_bshd(np.asarray(g)), z[f"grad_{n}"]) for n, g in zip(("query", "key", "value"), grads,
-                                                                                strict=True)]
-    assert max(errors) < 1e-5, errors
 
 
 @pytest.mark.parametrize(("seq", "mode", "dtype", "dim"), [

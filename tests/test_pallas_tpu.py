@@ -16,60 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err as _rel
 from jax.experimental.pallas import tpu as pltpu
+from pallas_cases import SCALE
+from pallas_cases import loss_and_grad as _loss_and_grad
+from pallas_cases import problem as _problem
 
 from pallas_kernels import BLOCK, block_sparse_attention, block_sparse_attention_reference, build_block_layout
 from pallas_kernels import tpu as tpu_kernels
-
-SCALE = 6.0
-
-
-def _rel(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def _selection(rng, bh: int, n: int, k: int, kind: str) -> np.ndarray:
-    """[BH, K] distinct flat pair ids, shuffled; ``skewed`` uses query rows < n/2 and key columns < n-1 only."""
-    out = []
-    for _ in range(bh):
-        if kind == "random":
-            pairs = rng.permutation(n * n)[:k]
-        else:
-            cand = (np.arange(max(1, n // 2))[:, None] * n + np.arange(n - 1)[None, :]).ravel()
-            assert cand.size >= k
-            pairs = rng.permutation(cand)[:k]
-        out.append(pairs)
-    return np.stack(out).astype(np.int32)
-
-
-def _key_mask(b: int, s: int, kind: str) -> np.ndarray:
-    mask = np.ones((b, s), np.float32)
-    if kind == "padded":
-        mask[0, s - BLOCK - BLOCK // 2 :] = 0.0  # a fully padded key block and a partly padded one
-        mask[1, :] = 0.0  # an all-padding batch item
-    return mask
-
-
-def _problem(seed, *, b, h, s, d, dtype, sel, mask_kind, k=None):
-    rng = np.random.default_rng(seed)
-    n = s // BLOCK
-    k = k if k is not None else max(1, (n * n) // 3)
-    q, kk, v = (jnp.asarray(rng.standard_normal((b * h, s, d)), dtype) for _ in range(3))
-    indices = jnp.asarray(_selection(rng, b * h, n, k, sel))
-    key_mask = jnp.asarray(_key_mask(b, s, mask_kind))
-    w1 = jnp.asarray(rng.standard_normal((b * h, s, d)), jnp.float32)
-    w2 = jnp.asarray(rng.standard_normal((b * h, s)), jnp.float32)
-    return q, kk, v, key_mask, indices, w1, w2
-
-
-def _loss_and_grad(fn, key_mask, indices, w1, w2, num_heads):
-    def loss(q, k, v):
-        o, lse = fn(q, k, v, key_mask, indices, scale=SCALE, num_heads=num_heads)
-        val = jnp.sum(o.astype(jnp.float32) * w1) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w2)
-        return val, (o, lse)
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
 def _races_found() -> bool:

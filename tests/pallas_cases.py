@@ -1,0 +1,59 @@
+"""Inputs shared by the Pallas kernel tests (GPU and TPU kernels against the jnp reference)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import BLOCK
+
+SCALE = 6.0
+
+
+def selection(rng, bh: int, n: int, k: int, kind: str) -> np.ndarray:
+    """[BH, K] distinct flat pair ids, shuffled. ``skewed`` leaves the last query rows and key columns empty."""
+    out = []
+    for _ in range(bh):
+        if kind == "random":
+            pairs = rng.permutation(n * n)[:k]
+        else:  # skewed: rows 0..n/2-1 only, columns 0..n-2 only (plus the diagonal of those rows)
+            rows = np.arange(max(1, n // 2))
+            cols = np.arange(n - 1)
+            cand = (rows[:, None] * n + cols[None, :]).ravel()
+            assert cand.size >= k, "skewed selection needs K <= (n // 2) * (n - 1)"
+            pairs = rng.permutation(cand)[:k]
+        out.append(pairs)
+    return np.stack(out).astype(np.int32)
+
+
+def make_key_mask(b: int, s: int, kind: str) -> np.ndarray:
+    mask = np.ones((b, s), np.float32)
+    if kind == "padded":
+        # item 0: the last block and a half are padding (a fully padded key block, a partial one);
+        # item 1: all padding; further items: no padding.
+        mask[0, s - BLOCK - BLOCK // 2 :] = 0.0
+        mask[1, :] = 0.0
+    return mask
+
+
+def loss_and_grad(fn, key_mask, indices, w1, w2, num_heads):
+    def loss(q, k, v):
+        o, lse = fn(q, k, v, key_mask, indices, scale=SCALE, num_heads=num_heads)
+        val = jnp.sum(o.astype(jnp.float32) * w1) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w2)
+        return val, (o, lse)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def problem(seed, *, b, h, s, d, dtype, sel, mask_kind, k=None):
+    rng = np.random.default_rng(seed)
+    n = s // BLOCK
+    k = k if k is not None else max(1, (n * n) // 3)
+    bh = b * h
+    q, kk, v = (jnp.asarray(rng.standard_normal((bh, s, d)), dtype) for _ in range(3))
+    indices = jnp.asarray(selection(rng, bh, n, k, sel))
+    key_mask = jnp.asarray(make_key_mask(b, s, mask_kind))
+    w1 = jnp.asarray(rng.standard_normal((bh, s, d)), jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((bh, s)), jnp.float32)
+    return q, kk, v, key_mask, indices, w1, w2
