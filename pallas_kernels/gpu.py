@@ -96,6 +96,20 @@ def _mask_i32(key_mask: jax.Array) -> jax.Array:
     return (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
 
 
+def _row_view_specs(n: int, kk: int, s: int, dp: int, h: int) -> list[pl.BlockSpec]:
+    """Inputs of a program (i, bh) over query blocks: its row lists, its 32 queries, the whole K and V of bh, and
+    the key mask of batch item bh // h."""
+    return [
+            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
+            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
+            pl.BlockSpec((None, kk), lambda i, b: (b, 0)),
+            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
+            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
+            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
+            pl.BlockSpec((None, s), lambda i, b: (b // h, 0)),
+    ]
+
+
 def _default_warps(d_pad: int) -> int:
     return 2 if d_pad <= 64 else 4
 
@@ -165,15 +179,7 @@ def attention_forward(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((bh, s, dp), q.dtype), jax.ShapeDtypeStruct((bh, s), jnp.float32)),
         grid=(n, bh),
-        in_specs=[
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, kk), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s), lambda i, b: (b // h, 0)),
-        ],
+        in_specs=_row_view_specs(n, kk, s, dp, h),
         out_specs=(
             pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
             pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
@@ -283,13 +289,7 @@ def attention_dq(
         out_shape=jax.ShapeDtypeStruct((bh, s, dp), q.dtype),
         grid=(n, bh),
         in_specs=[
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, kk), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s), lambda i, b: (b // h, 0)),
+            *_row_view_specs(n, kk, s, dp, h),
             pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
             pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
             pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
