@@ -10,6 +10,20 @@ import tempfile
 from collections.abc import Iterator
 
 
+def _remove_stale(out: pathlib.Path) -> None:
+    """Remove temporary folders for ``out`` left by processes that no longer run (e.g. killed mid-write)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[pathlib.Path]:
     """Yield a temporary directory beside ``out`` and move it to ``out`` only if the block succeeds.
@@ -21,7 +35,8 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale(out)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions

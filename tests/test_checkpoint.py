@@ -290,3 +290,15 @@ def test_mesh_without_the_rules_axes_is_a_clear_error():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(8), ("x",))
     with pytest.raises(ValueError, match="sharding rules use mesh axes"):
         mra_jax.MraModel.from_pretrained(GOLDEN / "model_base", mesh=mesh, rules="fsdp")
+
+
+def test_temporary_folders_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = tmp_path / f".o.tmp-{child.pid}-abc"
+    (stale / "params").mkdir(parents=True)
+    mra_jax.MraModel.from_pretrained(GOLDEN / "model_base").save_pretrained(tmp_path / "o")
+    assert not stale.exists() and (tmp_path / "o" / "params").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
