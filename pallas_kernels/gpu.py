@@ -96,6 +96,16 @@ def _mask_i32(key_mask: jax.Array) -> jax.Array:
     return (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
 
 
+def _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision):
+    """Key block ``j`` of the current bh: its keys, values and the logits of ``q`` against it (-inf at padding)."""
+    off = pl.multiple_of(j * BLOCK, BLOCK)
+    k = k_ref[pl.ds(off, BLOCK), :]
+    v = v_ref[pl.ds(off, BLOCK), :]
+    valid = mask_ref[pl.ds(off, BLOCK)] != 0
+    s = _dot(q, k, (1, 1), precision) / scale
+    return k, v, jnp.where(valid[None, :], s, _NEG_INF)
+
+
 def _row_view_specs(n: int, kk: int, s: int, dp: int, h: int) -> list[pl.BlockSpec]:
     """Inputs of a program (i, bh) over query blocks: its row lists, its 32 queries, the whole K and V of bh, and
     the key mask of batch item bh // h."""
@@ -128,12 +138,7 @@ def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, mask_ref, o
     def body(t, carry):
         acc, m, denom = carry
         j = cols_ref[start + t]
-        off = pl.multiple_of(j * BLOCK, BLOCK)
-        k = k_ref[pl.ds(off, BLOCK), :]
-        v = v_ref[pl.ds(off, BLOCK), :]
-        valid = mask_ref[pl.ds(off, BLOCK)] != 0
-        s = _dot(q, k, (1, 1), precision) / scale
-        s = jnp.where(valid[None, :], s, _NEG_INF)
+        _, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
@@ -210,12 +215,7 @@ def _dq_kernel(
 
     def body(t, dq):
         j = cols_ref[start + t]
-        off = pl.multiple_of(j * BLOCK, BLOCK)
-        k = k_ref[pl.ds(off, BLOCK), :]
-        v = v_ref[pl.ds(off, BLOCK), :]
-        valid = mask_ref[pl.ds(off, BLOCK)] != 0
-        s = _dot(q, k, (1, 1), precision) / scale
-        s = jnp.where(valid[None, :], s, _NEG_INF)
+        k, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, (1, 1), precision)
         ds = p * (dp - delta[:, None])

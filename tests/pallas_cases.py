@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import rel_err
 
 from pallas_kernels import BLOCK
 
@@ -57,3 +58,29 @@ def problem(seed, *, b, h, s, d, dtype, sel, mask_kind, k=None):
     w1 = jnp.asarray(rng.standard_normal((bh, s, d)), jnp.float32)
     w2 = jnp.asarray(rng.standard_normal((bh, s)), jnp.float32)
     return q, kk, v, key_mask, indices, w1, w2
+
+
+def assert_matches_reference(q, got, want, *, dtype, sel: str, mask_kind: str) -> None:
+    """Kernel outputs ``got = (o, lse, grads)`` against the reference's ``want``: values, the exact -inf / zero
+    pattern of rows without a valid key, finite gradients (f32 1e-5 / 2e-5, bf16 2e-2)."""
+    o, lse, grads = got
+    o_ref, lse_ref, grads_ref = want
+    tol_o, tol_g = (1e-5, 2e-5) if dtype == jnp.float32 else (2e-2, 2e-2)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
+    o, lse, o_ref, lse_ref = (np.asarray(x, np.float64) for x in (o, lse, o_ref, lse_ref))
+    assert not np.isnan(o).any() and not np.isnan(lse).any()
+    assert rel_err(o, o_ref) < tol_o
+    # empty rows / fully padded rows: exactly -inf and o == 0
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
+    assert not np.isposinf(lse).any()
+    empty = np.isneginf(lse)
+    assert (o[empty] == 0).all()
+    assert rel_err(lse[~empty], lse_ref[~empty]) < tol_o
+    if sel == "skewed" or mask_kind == "padded":
+        assert empty.any()
+    for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
+        assert g.shape == q.shape, name
+        g = np.asarray(g, np.float64)
+        assert np.isfinite(g).all(), name
+        assert rel_err(g, g_ref) < tol_g, name

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err as _rel
-from pallas_cases import SCALE
+from pallas_cases import SCALE, assert_matches_reference
 from pallas_cases import loss_and_grad as _loss_and_grad
 from pallas_cases import problem as _problem
 from pallas_cases import selection as _selection
@@ -126,26 +126,8 @@ def test_kernel_matches_reference(dtype, d, s, sel, mask_kind, bh_shape):
     (_, (o_ref, lse_ref)), grads_ref = _loss_and_grad(block_sparse_attention_reference, key_mask, indices, w1, w2, h)(
         q, k, v
     )
-    tol_o, tol_g = (1e-5, 2e-5) if dtype == jnp.float32 else (2e-2, 2e-2)
-    assert o.dtype == dtype and o.shape == q.shape
-    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
-
-    o, lse, o_ref, lse_ref = (np.asarray(x, np.float64) for x in (o, lse, o_ref, lse_ref))
-    assert not np.isnan(o).any() and not np.isnan(lse).any()
-    assert _rel(o, o_ref) < tol_o
-    # empty rows / fully padded rows: exactly -inf and o == 0
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
-    assert not np.isposinf(lse).any()
-    empty = np.isneginf(lse)
-    assert (o[empty] == 0).all()
-    assert _rel(lse[~empty], lse_ref[~empty]) < tol_o
-    if sel == "skewed" or mask_kind == "padded":
-        assert empty.any()
-
-    for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
-        g = np.asarray(g, np.float64)
-        assert g.dtype == np.float64 and np.isfinite(g).all(), name
-        assert _rel(g, g_ref) < tol_g, name
+    assert_matches_reference(q, (o, lse, grads), (o_ref, lse_ref, grads_ref), dtype=dtype, sel=sel,
+                             mask_kind=mask_kind)
 
     if sel == "skewed":
         # rows / columns that nobody selected get exactly zero gradients (no uninitialised output)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mra_jax.attention.low_resolution import PAD_PENALTY, matmul_precision
 from mra_jax.configuration import BLOCK_SIZE
+from pallas_kernels import block_sparse_attention
 
 EMPTY_ROW_MAX = -1e5
 """Reference max of query blocks with no selected pair (HF's finite sentinel, ``-1e8 / 1000``)."""
@@ -85,8 +86,6 @@ def high_resolution_pallas(query: jax.Array, key: jax.Array, value: jax.Array, k
     reference max ``lse`` (a constant for autodiff): ``out = o``, ``normalizer = 1``. Equal to the reference
     contract up to HF's ``+1e-6`` terms, which see another reference max (~1e-6 relative).
     """
-    from pallas_kernels import block_sparse_attention
-
     batch, heads, seq, dim = query.shape
     o, lse = block_sparse_attention(*(x.reshape(batch * heads, seq, dim) for x in (query, key, value)), key_mask,
                                     indices.reshape(batch * heads, -1), scale=scale, num_heads=heads,

@@ -23,16 +23,9 @@ WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX)
 class HFTensors:
     """Tensors of an HF checkpoint directory, by ``state_dict`` name, loaded on demand (HF layout, numpy)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], loader: Callable[[str], np.ndarray], files: list[str]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], loader: Callable[[str], np.ndarray]):
         self.shapes = shapes
         self._loader = loader
-        self.files = files
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.shapes
-
-    def names(self) -> list[str]:
-        return list(self.shapes)
 
     def load(self, name: str) -> np.ndarray:
         return self._loader(name)
@@ -134,11 +127,11 @@ def open_hf_weights(directory: str | os.PathLike) -> HFTensors:
         absent = sorted(set(weight_map or ()) - set(files))
         if absent:
             raise ValueError(f"tensors listed in {index} are absent from its shards: {', '.join(absent)}")
-        return HFTensors(shapes, _safetensors_loader(files), paths)
+        return HFTensors(shapes, _safetensors_loader(files))
     single, index = os.path.join(directory, BIN_FILE), os.path.join(directory, BIN_INDEX)
     if os.path.isfile(single) or os.path.isfile(index):
         paths = [single] if os.path.isfile(single) else [
             os.path.join(directory, s) for s in sorted(set(_read_index(index).values()))]
         shapes, load = _bin_reader(paths)
-        return HFTensors(shapes, load, paths)
+        return HFTensors(shapes, load)
     raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
