@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mra_jax.configuration import CONFIG_FILES
 from mra_jax.conversion.hf_names import hf_name
 from mra_jax.conversion.loading import Path, Request
 
@@ -22,8 +23,9 @@ CONFIG_FILE = "config.json"
 
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:
+    """``params/`` and a config: `save_pretrained`'s output, or a step of a training run's checkpoints."""
     directory = pathlib.Path(directory)
-    return (directory / PARAMS_DIR).is_dir() and (directory / CONFIG_FILE).is_file()
+    return (directory / PARAMS_DIR).is_dir() and any((directory / f).is_file() for f in CONFIG_FILES)
 
 
 def _nest(flat: dict[Path, object]) -> dict:

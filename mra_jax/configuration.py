@@ -13,6 +13,9 @@ BLOCK_SIZE = 32
 """Tokens per MRA block (fixed by the method)."""
 
 POSITION_OFFSET = 2
+
+CONFIG_FILES = ("config.json", "model_config/metadata")
+"""Where a checkpoint directory keeps its config: HF's ``config.json``, or the JSON item of a training step."""
 """HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
 _APPROX_MODES = ("full", "sparse")
@@ -187,12 +190,17 @@ class MraConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MraConfig:
-        """Read ``config.json`` from a checkpoint directory (or a path to the json file itself)."""
+        """Read the config of a checkpoint directory (``config.json``, or ``model_config/metadata`` in a training
+        checkpoint step), or of a path to the json file itself."""
         path = os.fspath(path)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        if os.path.isdir(path):
+            files = [f for f in (os.path.join(path, name) for name in CONFIG_FILES) if os.path.isfile(f)]
+            if not files:
+                raise FileNotFoundError(f"no config.json at {path}")
+            return cls.from_json_file(files[0])
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_json_file(file)
+        return cls.from_json_file(path)
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -39,7 +39,8 @@ def _check_inputs(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
 
 def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *,
                   num_blocks: int, approx_mode: str = "full", initial_prior_first_n_blocks: int = 0,
-                  initial_prior_diagonal_n_blocks: int = 0, implementation: str | None = None) -> jax.Array:
+                  initial_prior_diagonal_n_blocks: int = 0, implementation: str | None = None,
+                  platform: str | None = None) -> jax.Array:
     """MRA-2 attention (HF's ``mra2_attention`` semantics, with its bugs fixed).
 
     Args:
@@ -56,6 +57,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
         ``"reference"`` (jnp gathers and segment sums) or ``"pallas"`` (the GPU or TPU kernels; the GPU ones in
         interpret mode on CPU). The TPU kernels are checked in interpret mode and by export for TPU, not yet on TPU
         hardware: pass ``"reference"`` if they fail to compile there.
+      platform: the platform whose kernels to choose (``"gpu"``, ``"tpu"``, ``"cpu"``); ``None`` =
+        ``jax.default_backend()``. Set it when compiling ahead of time for another platform.
 
     Any ``seq >= 1`` works: it is padded to a multiple of 32 with masked positions and sliced back. Any head_dim
     works, with scale ``1 / sqrt(head_dim)``. Returns ``[batch, seq, heads, head_dim]`` in the input dtype, zero at
@@ -86,7 +89,7 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
         low = jax.tree.map(jax.lax.stop_gradient, low)
     indices = select_blocks(low.scores, num_blocks, initial_prior_first_n_blocks,
                             initial_prior_diagonal_n_blocks)
-    backend = jax.default_backend()
+    backend = jax.default_backend() if platform is None else platform
     if implementation is None:
         implementation = "pallas" if backend in ("gpu", "tpu") else "reference"
     if implementation == "pallas":

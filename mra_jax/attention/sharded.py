@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from mra_jax.attention.mra import mra_attention
+from mra_jax.options import shard_batch_and_heads
 
 
 def sharded_mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, mesh: Mesh,
@@ -32,13 +33,8 @@ def sharded_mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     if head_axis is not None and query.shape[2] % mesh.shape[head_axis]:
         raise ValueError(f"{query.shape[2]} heads are not divisible by the {mesh.shape[head_axis]} shards of "
                          f"{head_axis!r}")
-    qkv_spec = PartitionSpec(batch_axes, None, head_axis, None)
-    mask_spec = PartitionSpec(batch_axes, None)
     body = functools.partial(mra_attention, **kwargs)
     if mask is None:
-        fn = jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
-                           out_specs=qkv_spec, check_vma=False)
-        return fn(query, key, value)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,), out_specs=qkv_spec,
-                       check_vma=False)
-    return fn(query, key, value, mask)
+        return shard_batch_and_heads(lambda q, k, v: body(q, k, v, None), mesh, batch_axes, head_axis,
+                                     with_mask=False)(query, key, value)
+    return shard_batch_and_heads(body, mesh, batch_axes, head_axis, with_mask=True)(query, key, value, mask)

@@ -10,12 +10,18 @@ from mra_jax.activations import ACT2FN
 from mra_jax.attention import mra_attention
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling.common import Dropout, Dtype, layer_norm, linear
+from mra_jax.options import RuntimeOptions, shard_batch_and_heads
 
 
 class MraSelfAttention(nnx.Module):
-    """Query/key/value projections and MRA-2 attention (no attention-probability dropout, as in HF)."""
+    """Query/key/value projections and MRA-2 attention (no attention-probability dropout, as in HF).
 
-    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+    With ``options.mesh`` the attention runs under ``jax.shard_map``, batch and heads split over the mesh (a
+    ``pallas_call`` has no partitioning rule of its own).
+    """
+
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+                 options: RuntimeOptions):
         h = config.hidden_size
         self.query = linear(config, h, h, rngs, dtype, param_dtype)
         self.key = linear(config, h, h, rngs, dtype, param_dtype)
@@ -25,17 +31,28 @@ class MraSelfAttention(nnx.Module):
         self.approx_mode = config.approx_mode
         self.first_n_blocks = config.initial_prior_first_n_blocks
         self.diagonal_n_blocks = config.initial_prior_diagonal_n_blocks
-        self.implementation: str | None = None
+        self.options = options
+
+    def _attention(self, query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+        if self.options.implementation == "dense":
+            keep = mask.astype(bool)[:, None, None, :]
+            out = jax.nn.dot_product_attention(query, key, value, mask=keep)
+            return out * mask[:, :, None, None].astype(out.dtype)
+        return mra_attention(query, key, value, mask, num_blocks=self.num_blocks, approx_mode=self.approx_mode,
+                             initial_prior_first_n_blocks=self.first_n_blocks,
+                             initial_prior_diagonal_n_blocks=self.diagonal_n_blocks,
+                             implementation=self.options.implementation, platform=self.options.platform)
 
     def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array) -> jax.Array:
         batch, seq, hidden = hidden_states.shape
         heads = [proj(hidden_states).reshape(batch, seq, self.num_heads, hidden // self.num_heads)
                  for proj in (self.query, self.key, self.value)]
-        out = mra_attention(*heads, attention_mask, num_blocks=self.num_blocks, approx_mode=self.approx_mode,
-                            initial_prior_first_n_blocks=self.first_n_blocks,
-                            initial_prior_diagonal_n_blocks=self.diagonal_n_blocks,
-                            implementation=self.implementation)
-        return out.reshape(batch, seq, hidden)
+        attention = self._attention
+        options = self.options
+        if options.mesh is not None:
+            attention = shard_batch_and_heads(attention, options.mesh, options.mesh_batch_axes,
+                                              options.mesh_head_axis, with_mask=True)
+        return attention(*heads, attention_mask).reshape(batch, seq, hidden)
 
 
 class MraSelfOutput(nnx.Module):
@@ -55,9 +72,10 @@ class MraSelfOutput(nnx.Module):
 
 
 class MraAttention(nnx.Module):
-    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+                 options: RuntimeOptions):
         # `self.self` mirrors HF's parameter path `attention.self.query...`.
-        self.self = MraSelfAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self = MraSelfAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.output = MraSelfOutput(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, deterministic: bool,
@@ -83,8 +101,9 @@ class MraOutput(MraSelfOutput):
 
 
 class MraLayer(nnx.Module):
-    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        self.attention = MraAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+                 options: RuntimeOptions):
+        self.attention = MraAttention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.intermediate = MraIntermediate(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.output = MraOutput(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -95,16 +114,27 @@ class MraLayer(nnx.Module):
 
 
 class MraEncoder(nnx.Module):
+    """The layers; each is rematerialised in the backward pass as ``options.remat`` says."""
+
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
-        self.layer = nnx.List([MraLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
+        options = RuntimeOptions() if options is None else options
+        self.layer = nnx.List([MraLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
                                for _ in range(config.num_hidden_layers)])
+        self.options = options
 
     def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Returns the last hidden state and all hidden states (embeddings output first)."""
+        options = self.options
+
+        def run(layer: MraLayer, hidden: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+            return options.constrain_batch(layer(hidden, mask, deterministic, rngs))
+
+        if options.remat != "none":
+            run = nnx.remat(run, policy=options.remat_policy())
         all_hidden = [hidden_states]
         for layer in self.layer:
-            hidden_states = layer(hidden_states, attention_mask, deterministic, rngs)
+            hidden_states = run(layer, hidden_states, attention_mask, rngs)
             all_hidden.append(hidden_states)
         return hidden_states, tuple(all_hidden)

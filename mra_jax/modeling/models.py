@@ -9,6 +9,7 @@ from typing import Any, Self
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -31,6 +32,7 @@ from mra_jax.modeling.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from mra_jax.options import RuntimeOptions
 from mra_jax.sharding import param_shardings
 
 Rngs = nnx.Rngs | jax.Array | int | None
@@ -65,7 +67,8 @@ class MraPreTrainedModel(nnx.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
                         param_dtype: Dtype = jnp.float32, mesh: Mesh | None = None,
                         rules: str | Mapping[str, str | None] = "fsdp", num_labels: int | None = None, seed: int = 0,
-                        progress: Callable[[int, int], None] | None = None) -> Self:
+                        progress: Callable[[int, int], None] | None = None,
+                        options: RuntimeOptions | None = None) -> Self:
         """Load an HF checkpoint directory (``config.json`` with ``model.safetensors``, a sharded safetensors index
         or ``pytorch_model.bin``) or an Orbax checkpoint written by `save_pretrained` (detected).
 
@@ -75,6 +78,8 @@ class MraPreTrainedModel(nnx.Module):
           num_labels: override the number of labels of the checkpoint's config (for a new classification head).
           seed: initialises head parameters the checkpoint does not have (another head or the bare encoder).
           progress: called with ``(done, total)`` as tensors are loaded.
+          options: run-time choices (`RuntimeOptions`: attention implementation, mesh, remat); its mesh is also
+            the one parameters are placed on when ``mesh`` is not given.
 
         Every encoder parameter must be present with HF's shape, and a checkpoint of this very class must hold the
         whole head; otherwise a `ValueError` lists every missing, unexpected and mis-shaped tensor.
@@ -95,7 +100,7 @@ class MraPreTrainedModel(nnx.Module):
                                     f"checkpoint ({PARAMS_DIR}/)")
 
         def build() -> Self:
-            return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+            return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, options=options)
 
         def init(paths: list[tuple]) -> dict[tuple, jax.Array]:
             def fresh() -> list[jax.Array]:
@@ -104,6 +109,8 @@ class MraPreTrainedModel(nnx.Module):
 
             return dict(zip(paths, jax.jit(fresh)(), strict=True))
 
+        if mesh is None and options is not None:
+            mesh = options.mesh
         model = nnx.eval_shape(build)
         shardings = None if mesh is None else param_shardings(model, mesh, rules)
         report = load_params(model, source, shardings=shardings, init=init, progress=progress)
@@ -131,10 +138,11 @@ class MraModel(MraPreTrainedModel):
     """The bare MRA encoder: embeddings and ``num_hidden_layers`` post-LN layers (no pooler, as in HF)."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
         super().__init__(config)
         self.embeddings = MraEmbeddings(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.encoder = MraEncoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.options = RuntimeOptions() if options is None else options
+        self.encoder = MraEncoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=self.options)
 
     def _check_inputs(self, input_ids: jax.Array | None, attention_mask: jax.Array | None,
                       token_type_ids: jax.Array | None, position_ids: jax.Array | None,
@@ -194,6 +202,7 @@ class MraModel(MraPreTrainedModel):
             position_ids = jnp.arange(seq, dtype=jnp.int32)[None] + POSITION_OFFSET
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds,
                                  deterministic=deterministic, rngs=rngs)
+        hidden = self.options.constrain_batch(hidden)
         last, all_hidden = self.encoder(hidden, attention_mask, deterministic=deterministic, rngs=rngs)
         return MraModelOutput(last_hidden_state=last, hidden_states=all_hidden if output_hidden_states else None)
 
@@ -201,9 +210,10 @@ class MraModel(MraPreTrainedModel):
 class _MraWithHead(MraPreTrainedModel):
     """A task model: the encoder under ``mra`` (HF's ``base_model_prefix``) and a head."""
 
-    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+    def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+                 options: RuntimeOptions | None):
         super().__init__(config)
-        self.mra = MraModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mra = MraModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
 
     def _encode(self, input_ids: jax.Array | None, attention_mask: jax.Array | None,
                 token_type_ids: jax.Array | None, position_ids: jax.Array | None, inputs_embeds: jax.Array | None,
@@ -216,11 +226,11 @@ class MraForMaskedLM(_MraWithHead):
     """Masked language modelling; the decoder is tied to the word embeddings and has its own bias."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
         if not config.tie_word_embeddings:
             raise ValueError("MraForMaskedLM ties its decoder to the word embeddings (as HF's MRA checkpoints do); "
                              "tie_word_embeddings=False is not supported")
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.cls = MraOnlyMLMHead(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -238,13 +248,32 @@ class MraForMaskedLM(_MraWithHead):
             loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
         return MaskedLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
 
+    def masked_positions_loss(self, input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array,
+                              labels: jax.Array, weights: jax.Array, *, token_type_ids: jax.Array | None = None,
+                              deterministic: bool = True, rngs: Rngs = None) -> dict[str, jax.Array]:
+        """The training form of the MLM loss: the decoder runs only at ``positions``.
+
+        ``positions``, ``labels``, ``weights`` ``[batch, num_predictions]``: the masked token positions, the ids to
+        predict there and 1/0 weights (0 for unused slots). Returns sums, so that micro-batches add up:
+        ``loss_sum`` (weighted cross-entropy), ``weight`` (its weight) and ``correct`` (weighted top-1 hits).
+        ``loss_sum / weight`` equals ``__call__``'s loss with ``labels`` set at the same positions.
+        """
+        out = self._encode(input_ids, attention_mask, token_type_ids, None, None, False, deterministic,
+                           as_rngs(rngs))
+        hidden = jnp.take_along_axis(out.last_hidden_state, positions[..., None], axis=1)
+        logits = self.cls(hidden, self.mra.embeddings.word_embeddings).astype(jnp.float32)
+        weights = weights.astype(jnp.float32)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {"loss_sum": jnp.sum(per_token * weights), "weight": jnp.sum(weights),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
+
 
 class MraForSequenceClassification(_MraWithHead):
     """Classification or regression from the first token (loss by ``config.problem_type`` as HF)."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.classifier = MraClassificationHead(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -266,8 +295,8 @@ class MraForMultipleChoice(_MraWithHead):
     """Inputs ``[batch, num_choices, seq]``; a score per choice from the first token (ReLU head, no dropout)."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         h = config.hidden_size
         self.pre_classifier = linear(config, h, h, rngs, dtype, param_dtype)
         self.classifier = linear(config, h, 1, rngs, dtype, param_dtype)
@@ -306,8 +335,8 @@ class MraForTokenClassification(_MraWithHead):
     """A label per token; the loss ignores -100 and every position where ``attention_mask != 1``."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = linear(config, config.hidden_size, config.num_labels, rngs, dtype, param_dtype)
 
@@ -333,9 +362,9 @@ class MraForQuestionAnswering(_MraWithHead):
     """Span extraction: start and end logits per token (the config's labels are forced to 2, as in HF)."""
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
         config = config if config.num_labels == 2 else config.with_num_labels(2)
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, options=options)
         self.qa_outputs = linear(config, config.hidden_size, 2, rngs, dtype, param_dtype)
 
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,

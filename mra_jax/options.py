@@ -1,0 +1,86 @@
+"""`RuntimeOptions`: how a model runs (attention implementation, mesh, remat), apart from `MraConfig`.
+
+`MraConfig` stays HF's ``config.json``; these choices belong to a run and are given to a model at construction
+(``MraForMaskedLM(config, rngs=..., options=...)``) or to ``from_pretrained(..., options=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+IMPLEMENTATIONS = (None, "reference", "pallas", "dense")
+PLATFORMS = (None, "cpu", "gpu", "tpu")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """Run-time choices of a model.
+
+    Attributes:
+      implementation: the attention: ``None`` (best for the platform: Pallas kernels on GPU/TPU, jnp reference on
+        CPU), ``"reference"``, ``"pallas"``, or ``"dense"`` (plain softmax attention through
+        ``jax.nn.dot_product_attention`` — not MRA; a baseline for benchmarks).
+      platform: the platform whose kernels to use (``"gpu"``, ``"tpu"``, ``"cpu"``); ``None`` = the default backend.
+        Set it when compiling ahead of time for another platform (e.g. a TPU topology from a CPU machine).
+      mesh: with a mesh, the attention runs under ``jax.shard_map`` (batch over ``batch_axes``, heads over
+        ``head_axis``) and hidden states are constrained to be sharded on batch.
+      batch_axes, head_axis: mesh axes of the batch and of the heads (axes missing from the mesh are skipped).
+      remat: per-layer rematerialisation: ``"none"``, ``"full"`` (save only the layer inputs) or ``"dots"`` (save
+        the outputs of matmuls without batch dimensions, recompute the rest).
+    """
+
+    implementation: str | None = None
+    platform: str | None = None
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ("data", "fsdp")
+    head_axis: str | None = "tensor"
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if isinstance(self.batch_axes, str):
+            object.__setattr__(self, "batch_axes", (self.batch_axes,))
+        object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+
+    @property
+    def mesh_batch_axes(self) -> tuple[str, ...]:
+        """The batch axes that the mesh has."""
+        return tuple(a for a in self.batch_axes if self.mesh is not None and a in self.mesh.axis_names)
+
+    @property
+    def mesh_head_axis(self) -> str | None:
+        if self.mesh is None or self.head_axis not in self.mesh.axis_names:
+            return None
+        return self.head_axis
+
+    def batch_sharding(self, ndim: int) -> NamedSharding | None:
+        """Sharding of an activation ``[batch, ...]`` of rank ``ndim`` (``None`` without a mesh)."""
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec(self.mesh_batch_axes or None, *(None,) * (ndim - 1)))
+
+    def constrain_batch(self, x: jax.Array) -> jax.Array:
+        """``x`` constrained to be sharded on its leading (batch) axis; unchanged without a mesh."""
+        sharding = self.batch_sharding(x.ndim)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    def remat_policy(self):
+        return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(self.remat)
+
+
+def shard_batch_and_heads(fn, mesh: Mesh, batch_axes: Sequence[str] | None, head_axis: str | None,
+                          with_mask: bool):
+    """``fn(q, k, v[, mask])`` on ``[batch, seq, heads, dim]`` inputs run per shard under ``jax.shard_map``."""
+    qkv = PartitionSpec(tuple(batch_axes) or None if batch_axes else None, None, head_axis, None)
+    specs = (qkv,) * 3 + ((PartitionSpec(qkv[0], None),) if with_mask else ())
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)

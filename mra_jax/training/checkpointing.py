@@ -1,0 +1,86 @@
+"""Training checkpoints: an Orbax `CheckpointManager` holding parameters, optimizer state, step, data-iterator state
+and the model's config, saved asynchronously; a step is visible only once complete.
+
+Layout of ``<output_dir>/checkpoints/<step>/``: ``params/`` (the same PyTree as `save_pretrained`'s, so the step
+directory loads with ``MraForMaskedLM.from_pretrained`` and ``scripts/export_to_hf.py``), ``opt_state/``,
+``data/`` (grain iterator state, one file per process), ``meta/`` (step, seed) and ``model_config/`` (HF's
+config.json).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from mra_jax.checkpoint import _flatten, _nest
+from mra_jax.configuration import MraConfig
+from mra_jax.training.step import TrainState, key_path
+
+MODEL_CONFIG_ITEM = "model_config"
+
+
+def params_tree(params) -> dict:
+    """Parameters (a pytree keyed by NNX path) -> the nested, string-keyed dict of `save_pretrained`."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return _nest({key_path(path): value for path, value in leaves})
+
+
+def params_from_tree(tree: dict, like):
+    """Inverse of `params_tree`, with the structure of ``like``."""
+    flat = _flatten(tree)
+    return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(str(k) for k in key_path(path))], like)
+
+
+class TrainCheckpoints:
+    """Asynchronous training checkpoints under ``directory``; ``keep`` most recent ones are kept."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.LatestN(n=keep), cleanup_tmp_directories=True,
+            enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_iterator: Any, config: MraConfig, meta: dict[str, Any]) -> None:
+        """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied)."""
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params_tree(state.params)),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+            **{MODEL_CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())})
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract: TrainState, shardings: TrainState,
+                data_iterator: Any) -> tuple[TrainState, dict[str, Any]]:
+        """The state at ``step`` placed on ``shardings``; sets ``data_iterator``'s position in place."""
+        def target(x, s):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+        params = jax.tree.map(target, abstract.params, shardings.params)
+        opt_state = jax.tree.map(target, abstract.opt_state, shardings.opt_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_tree(params)),
+            opt_state=ocp.args.StandardRestore(opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            meta=ocp.args.JsonRestore()))
+        state = TrainState(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
+                           params=params_from_tree(restored.params, abstract.params),
+                           opt_state=restored.opt_state)
+        return state, dict(restored.meta)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

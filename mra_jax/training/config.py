@@ -1,0 +1,85 @@
+"""Typed run configurations: YAML files overridden by dotted ``key=value`` arguments (OmegaConf structured configs;
+unknown keys and wrong types are refused, with the full key and a suggestion, before any work)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import field
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mra_jax.training.data import DataConfig
+from mra_jax.training.optim import OptimizerConfig
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Mesh axis sizes (one may be -1: all remaining devices) and the parameter rule set (dp, fsdp, fsdp_tp)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: str = "fsdp"
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """``jax.distributed.initialize`` arguments; ``None`` = from the environment (set ``enabled`` to call it with
+    none of them, as on TPU pods and SLURM/Open MPI clusters). Also enabled when ``coordinator_address`` is set."""
+
+    enabled: bool = False
+    coordinator_address: Optional[str] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
+    num_processes: Optional[int] = None  # noqa: UP045
+    process_id: Optional[int] = None  # noqa: UP045
+    local_device_count: Optional[int] = None  # noqa: UP045  fake CPU devices per process (tests)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    output_dir: str = "out/pretrain"
+    model: str = "configs/models/mra-tiny.json"  # a config.json (fresh weights) or an HF/Orbax/training checkpoint
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    dtype: str = "float32"  # compute dtype (bfloat16 or float32); parameters stay float32
+    attention: Optional[str] = None  # noqa: UP045  None (best for the platform), reference, pallas, dense
+    remat: str = "none"  # none, full, dots
+    mlm_probability: float = 0.15
+    tensorboard: bool = True
+    progress_bar: bool = True
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> T:
+    """``schema`` filled from the YAML file ``path`` and ``key.sub=value`` overrides; `ValueError` on any unknown
+    key, wrong type or malformed override."""
+    try:
+        merged = OmegaConf.structured(schema)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ValueError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = f" in {path}" if path else ""
+        raise ValueError(f"invalid configuration{where}: {' '.join(str(e).split())}") from e
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,243 @@
+"""Masked-LM pretraining on a mesh: `run(PretrainConfig)`, driven by ``scripts/pretrain.py``.
+
+A run writes into ``output_dir``: ``config.yaml`` (the resolved run config), ``model_config.json``,
+``tokenizer.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/<step>/``. Started again on the same
+``output_dir`` it resumes from the latest complete checkpoint, with the same data, masks and dropout as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from mra_jax.configuration import MraConfig
+from mra_jax.modeling import MraForMaskedLM
+from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES, RuntimeOptions
+from mra_jax.training import data as data_lib
+from mra_jax.training import runtime
+from mra_jax.training.checkpointing import TrainCheckpoints
+from mra_jax.training.config import PretrainConfig, to_yaml
+from mra_jax.training.masking import MaskingSpec, mask_tokens
+from mra_jax.training.metrics import MetricsWriter, mlm_train_flops_per_token, peak_flops_per_device
+from mra_jax.training.optim import make_optimizer, make_schedule
+from mra_jax.training.step import init_state, make_eval_step, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the state of that step was not saved."""
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need no data, model or devices."""
+    errors = []
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.eval_every < 0:
+        errors.append(f"eval_every must be non-negative (0 = only at the end), got {cfg.eval_every}")
+    if cfg.dtype not in DTYPES:
+        errors.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.attention not in IMPLEMENTATIONS:
+        errors.append(f"attention must be one of {IMPLEMENTATIONS}, got {cfg.attention!r}")
+    if cfg.remat not in REMAT_POLICIES:
+        errors.append(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
+    if not 0.0 < cfg.mlm_probability < 1.0:
+        errors.append(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
+    if not os.path.exists(cfg.model):
+        errors.append(f"model {cfg.model} does not exist (a config.json or a checkpoint directory)")
+    try:
+        cfg.optimizer.validate(cfg.steps)
+    except ValueError as e:
+        errors.append(str(e))
+    if errors:
+        raise ValueError("invalid pretraining config: " + "; ".join(errors))
+
+
+def mlm_loss_fn(spec: MaskingSpec):
+    """The MLM loss for `mra_jax.training.step`: dynamic masking from the step's key, decoder at masked positions."""
+    def loss_fn(model: MraForMaskedLM, batch: Mapping[str, jax.Array], key: jax.Array, deterministic: bool):
+        mask_key, dropout_key = jax.random.split(key)
+        ids, positions, labels, weights = mask_tokens(mask_key, batch["input_ids"], batch["attention_mask"], spec)
+        sums = model.masked_positions_loss(ids, batch["attention_mask"], positions, labels, weights,
+                                           deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
+        return sums["loss_sum"], sums
+
+    return loss_fn
+
+
+def _model_config(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tuple[MraConfig, bool]:
+    """The model config and whether the model starts from a checkpoint."""
+    if os.path.isdir(cfg.model):
+        config = MraConfig.from_pretrained(cfg.model)
+        if special.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {special.vocab_size} ids, more than the vocabulary of {cfg.model} "
+                             f"({config.vocab_size})")
+        return config, True
+    config = MraConfig.from_pretrained(cfg.model)
+    config = dataclasses.replace(config, vocab_size=special.vocab_size, pad_token_id=special.pad_id,
+                                 bos_token_id=special.cls_id, eos_token_id=special.sep_id)
+    return config.with_extra(architectures=["MraForMaskedLM"]), False
+
+
+def _tokenizer(cfg: PretrainConfig, output_dir: pathlib.Path):
+    """The run's tokenizer: the one saved by an earlier start of this run, the configured one, or a new one."""
+    saved = output_dir / "tokenizer.json"
+    if saved.is_file():
+        return data_lib.load_or_train_tokenizer(dataclasses.replace(cfg.data, tokenizer=str(saved)), [])
+    documents = [] if cfg.data.tokenizer else data_lib.read_documents(
+        [f for f in cfg.data.train_files if not f.endswith(".npy")], cfg.data.text_field)
+    return data_lib.load_or_train_tokenizer(cfg.data, documents)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class _Window:
+    """Metrics of the steps since the last host sync, checked for NaN before anything is logged or saved."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.start = time.perf_counter()
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> tuple[list[tuple[int, dict[str, float]]], float]:
+        fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self.pending)]
+        for step, m in fetched:
+            if not m["finite"]:
+                raise NonFiniteError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']} — stopping; "
+                                     "this step's state is not saved, the last checkpoint is kept")
+        elapsed = time.perf_counter() - self.start
+        self.pending, self.start = [], time.perf_counter()
+        return fetched, elapsed
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train; returns the last logged metrics and the final eval."""
+    validate(cfg)
+    runtime.initialize_distributed(cfg.distributed)
+    primary = runtime.is_primary()
+    output_dir = pathlib.Path(cfg.output_dir).absolute()
+    mesh = runtime.build_mesh(cfg.mesh)
+
+    tokenizer = _tokenizer(cfg, output_dir)
+    special = data_lib.special_tokens(tokenizer)
+    config, from_checkpoint = _model_config(cfg, special)
+    runtime.check_fits(config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.seq_len)
+    train_seqs, eval_seqs = data_lib.prepare(cfg.data, tokenizer)
+    if primary:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(output_dir / "config.yaml", to_yaml(cfg))
+        _write_text(output_dir / "model_config.json", config.to_json_string())
+        if not (output_dir / "tokenizer.json").is_file():
+            tokenizer.save(str(output_dir / f".tokenizer.json.tmp-{os.getpid()}"))
+            os.replace(output_dir / f".tokenizer.json.tmp-{os.getpid()}", output_dir / "tokenizer.json")
+
+    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat)
+    dtype = DTYPES[cfg.dtype]
+    spec = MaskingSpec(mask_id=special.mask_id, vocab_size=special.vocab_size, special_ids=special.special_ids,
+                       probability=cfg.mlm_probability)
+    schedule = make_schedule(cfg.optimizer, cfg.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+
+    def build() -> MraForMaskedLM:
+        return MraForMaskedLM(config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, options=options)
+
+    start_params = None
+    if from_checkpoint:
+        loaded = MraForMaskedLM.from_pretrained(cfg.model, dtype=dtype, options=options, rules=cfg.mesh.rules)
+        start_params = nnx.split(loaded, nnx.Param)[1]
+    graphdef, state, shardings = init_state(build, tx, mesh, cfg.mesh.rules, start_params)
+    del start_params
+    batch_sharding = runtime.batch_sharding(mesh)
+    loss_fn = mlm_loss_fn(spec)
+    train_step = make_train_step(graphdef, tx, schedule, loss_fn, seed=cfg.seed,
+                                 grad_accum_steps=cfg.optimizer.grad_accum_steps, shardings=shardings,
+                                 batch_sharding=batch_sharding)
+    eval_step = make_eval_step(graphdef, loss_fn, seed=cfg.seed, shardings=shardings, batch_sharding=batch_sharding)
+
+    iterator = data_lib.train_iterator(train_seqs, cfg.data.batch_size, cfg.data.shuffle_seed, special.pad_id,
+                                       jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)
+    evals = data_lib.eval_batches(eval_seqs, cfg.data.batch_size, special.pad_id, cfg.data.eval_batches,
+                                  jax.process_index(), jax.process_count())
+    checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None:
+        state, _ = checkpoints.restore(start, jax.eval_shape(lambda: state), shardings, iterator)
+    start = start or 0
+    writer = MetricsWriter(output_dir, enabled=primary, tensorboard=cfg.tensorboard, resume_step=start)
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = mlm_train_flops_per_token(config, cfg.data.seq_len, spec.num_predictions(cfg.data.seq_len),
+                                                dense_attention=cfg.attention == "dense")
+    peak = peak_flops_per_device()
+    devices = runtime.num_devices(mesh)
+
+    def evaluate(step: int) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for index, local in enumerate(evals):
+            sums = jax.device_get(eval_step(state.params, runtime.global_batch(local, batch_sharding), index))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        weight = max(totals["weight"], 1.0)
+        loss = totals["loss_sum"] / weight
+        record = {"step": step, "eval_loss": loss, "eval_accuracy": totals["correct"] / weight,
+                  "eval_perplexity": math.exp(min(loss, 700.0))}
+        writer.write(record)
+        return record
+
+    result: dict[str, Any] = {"start_step": start}
+    window = _Window()
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", disable=not (primary and cfg.progress_bar),
+               dynamic_ncols=True)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            state, metrics = train_step(state, runtime.global_batch(next(iterator), batch_sharding))
+            window.add(step, metrics)
+            bar.update(1)
+            last = step == cfg.steps
+            do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
+            do_save = last or step % cfg.checkpoint_every == 0
+            if not (last or do_eval or do_save or step % cfg.log_every == 0):
+                continue
+            fetched, elapsed = window.flush()
+            tokens_per_second = tokens_per_step * len(fetched) / elapsed
+            for s, m in fetched:
+                if s % cfg.log_every == 0 or s == cfg.steps:
+                    record = {"step": s, "loss": m["loss"], "learning_rate": m["learning_rate"],
+                              "grad_norm": m["grad_norm"], "masked_accuracy": m["correct"] / max(m["weight"], 1.0),
+                              "tokens_per_second": tokens_per_second,
+                              "mfu": None if peak is None else tokens_per_second * flops_per_token / (peak * devices)}
+                    writer.write(record)
+                    result["train"] = record
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            if do_eval:
+                result["eval"] = evaluate(step)
+                window.start = time.perf_counter()
+            if do_save:
+                checkpoints.save(state, iterator, config, {"seed": cfg.seed})
+    finally:
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+    result["output_dir"] = str(output_dir)
+    result["checkpoint"] = str(output_dir / "checkpoints" / str(cfg.steps))
+    return result

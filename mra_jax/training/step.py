@@ -1,0 +1,134 @@
+"""Training state, its shardings, and the jitted train and eval steps (functional: split model, merge inside).
+
+A loss function ``loss_fn(model, batch, key, deterministic) -> (loss_sum, sums)`` returns the summed loss of a
+(micro-)batch and a dict of sums that holds at least ``weight`` (what the loss is averaged over). Micro-batches
+(gradient accumulation) add their sums, so an accumulated step equals the one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mra_jax.sharding import partition_spec
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def key_path(path: tuple) -> tuple:
+    """A pytree key path -> the NNX parameter path (``("mra", "encoder", "layer", 0, ...)``)."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def param_state_shardings(params, mesh: Mesh, rules: str | Mapping[str, str | None]):
+    """A `NamedSharding` for every leaf of ``params`` (arrays or shapes, same tree structure), by the rule set."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, partition_spec(key_path(path), x.shape, mesh, rules)), params)
+
+
+def state_shardings(abstract: TrainState, params_shardings: nnx.State, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+    """Shardings of a whole `TrainState`: optimizer moments follow their parameters, the rest is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params_shardings,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt)
+
+
+def _plain(state: nnx.State) -> nnx.State:
+    """Variables -> their raw values (a pytree of arrays, as optimizers and checkpoints want)."""
+    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+               rules: str | Mapping[str, str | None], params: nnx.State | None = None,
+               ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """The model's graph, a `TrainState` created directly sharded on ``mesh`` (never whole on one device), and
+    its shardings. ``params``: start from these (already placed) instead of ``build``'s initialisation."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(build), nnx.Param)
+    abstract_params = _plain(abstract_params)
+    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
+    shardings = state_shardings(abstract, param_state_shardings(abstract_params, mesh, rules), tx, mesh)
+
+    def create(p: nnx.State | None) -> TrainState:
+        if p is None:
+            p = _plain(nnx.split(build(), nnx.Param)[1])
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
+
+    if params is None:
+        state = jax.jit(lambda: create(None), out_shardings=shardings)()
+    else:
+        state = jax.jit(create, in_shardings=(shardings.params,), out_shardings=shardings)(_plain(params))
+    return graphdef, state, shardings
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_fn: LossFn, *, seed: int, grad_accum_steps: int, shardings: TrainState,
+                    batch_sharding: NamedSharding) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, jitted with shardings and the state donated.
+
+    The step's randomness (masking, dropout) is ``fold_in(key(seed), state.step)``: a resumed run draws exactly
+    what the uninterrupted run drew. Metrics: ``loss`` (mean over the batch's weight), ``grad_norm`` (before
+    clipping), ``learning_rate`` (the one this update used), the loss function's sums, and ``finite``.
+    """
+    base_key = jax.random.key(seed)
+
+    def grads_of(params: nnx.State, batch: Mapping[str, jax.Array], key: jax.Array):
+        def f(p):
+            loss_sum, sums = loss_fn(nnx.merge(graphdef, p), batch, key, False)
+            return loss_sum, sums
+        return jax.grad(f, has_aux=True)(params)
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(base_key, state.step)
+        if grad_accum_steps == 1:
+            grads, sums = grads_of(state.params, batch, key)
+        else:
+            # Micro-batch a holds rows a, a + k, a + 2k, ...: every micro-batch stays spread over all devices.
+            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(carry, xs):
+                index, mb = xs
+                g, s = grads_of(state.params, mb, jax.random.fold_in(key, index))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zero = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro), key)
+            zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero)
+            (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(grad_accum_steps), micro))
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = sums["loss_sum"] / weight
+        metrics = {**sums, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, seed: int, shardings: TrainState,
+                   batch_sharding: NamedSharding) -> Callable:
+    """``eval_step(params, batch, index) -> sums`` without dropout; batch ``index`` fixes its randomness."""
+    base_key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
+
+    def step(params: nnx.State, batch: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, jax.random.fold_in(base_key, index), True)
+        return {**sums, "loss_sum": loss_sum}
+
+    return jax.jit(step, in_shardings=(shardings.params, batch_sharding, None))

@@ -1,0 +1,37 @@
+"""MLM pretraining of an MRA encoder on a mesh.
+
+    python scripts/pretrain.py configs/pretrain/tiny.yaml [key=value ...]     e.g. steps=200 mesh.fsdp=4
+
+Started again on the same output_dir, it resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mra_jax.training.config import PretrainConfig, load_config
+from mra_jax.training.pretrain import NonFiniteError, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a YAML file under configs/pretrain/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        result = run(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "eval" in result:
+        e = result["eval"]
+        print(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, masked-token accuracy {e['eval_accuracy']:.3f}, "
+              f"perplexity {e['eval_perplexity']:.2f}")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
