@@ -53,15 +53,22 @@ def _plain(state: nnx.State) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                   rules: str | Mapping[str, str | None]) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """The model's graph, the shapes of its `TrainState` and their shardings on ``mesh``; nothing is allocated."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(build), nnx.Param)
+    abstract_params = _plain(abstract_params)
+    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
+    shardings = state_shardings(abstract, param_state_shardings(abstract_params, mesh, rules), tx, mesh)
+    return graphdef, abstract, shardings
+
+
 def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
                rules: str | Mapping[str, str | None], params: nnx.State | None = None,
                ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """The model's graph, a `TrainState` created directly sharded on ``mesh`` (never whole on one device), and
     its shardings. ``params``: start from these (already placed) instead of ``build``'s initialisation."""
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(build), nnx.Param)
-    abstract_params = _plain(abstract_params)
-    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
-    shardings = state_shardings(abstract, param_state_shardings(abstract_params, mesh, rules), tx, mesh)
+    graphdef, _, shardings = abstract_state(build, tx, mesh, rules)
 
     def create(p: nnx.State | None) -> TrainState:
         if p is None:
