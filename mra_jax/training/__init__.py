@@ -1,0 +1,1 @@
+"""MLM pretraining: data pipeline (packed sequences, grain iterators) and the training loop."""
