@@ -66,16 +66,22 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError("invalid pretraining config: " + "; ".join(errors))
 
 
-def mlm_loss_fn(spec: MaskingSpec):
-    """The MLM loss for `mra_jax.training.step`: dynamic masking from the step's key, decoder at masked positions."""
-    def loss_fn(model: MraForMaskedLM, batch: Mapping[str, jax.Array], key: jax.Array, deterministic: bool):
-        mask_key, dropout_key = jax.random.split(key)
-        ids, positions, labels, weights = mask_tokens(mask_key, batch["input_ids"], batch["attention_mask"], spec)
-        sums = model.masked_positions_loss(ids, batch["attention_mask"], positions, labels, weights,
-                                           deterministic=deterministic, rngs=nnx.Rngs(dropout=dropout_key))
-        return sums["loss_sum"], sums
+def mlm_masking(spec: MaskingSpec):
+    """``prepare`` for `mra_jax.training.step`: dynamic masking of the whole global batch from the step's key."""
+    def prepare(batch: Mapping[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        ids, positions, labels, weights = mask_tokens(key, batch["input_ids"], batch["attention_mask"], spec)
+        return {"input_ids": ids, "attention_mask": batch["attention_mask"], "positions": positions,
+                "labels": labels, "weights": weights}
 
-    return loss_fn
+    return prepare
+
+
+def mlm_loss(model: MraForMaskedLM, batch: Mapping[str, jax.Array], key: jax.Array, deterministic: bool):
+    """The MLM loss of a masked batch, the decoder at the masked positions only; ``key`` drives dropout."""
+    sums = model.masked_positions_loss(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                       batch["labels"], batch["weights"], deterministic=deterministic,
+                                       rngs=nnx.Rngs(dropout=key))
+    return sums["loss_sum"], sums
 
 
 def _model_config(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tuple[MraConfig, bool]:
@@ -167,11 +173,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     graphdef, state, shardings = init_state(build, tx, mesh, cfg.mesh.rules, start_params)
     del start_params
     batch_sharding = runtime.batch_sharding(mesh)
-    loss_fn = mlm_loss_fn(spec)
-    train_step = make_train_step(graphdef, tx, schedule, loss_fn, seed=cfg.seed,
+    prepare = mlm_masking(spec)
+    train_step = make_train_step(graphdef, tx, schedule, mlm_loss, seed=cfg.seed,
                                  grad_accum_steps=cfg.optimizer.grad_accum_steps, shardings=shardings,
-                                 batch_sharding=batch_sharding)
-    eval_step = make_eval_step(graphdef, loss_fn, seed=cfg.seed, shardings=shardings, batch_sharding=batch_sharding)
+                                 batch_sharding=batch_sharding, prepare=prepare)
+    eval_step = make_eval_step(graphdef, mlm_loss, seed=cfg.seed, shardings=shardings, batch_sharding=batch_sharding,
+                               prepare=prepare)
 
     iterator = data_lib.train_iterator(train_seqs, cfg.data.batch_size, cfg.data.shuffle_seed, special.pad_id,
                                        jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)

@@ -1,8 +1,10 @@
 """Training state, its shardings, and the jitted train and eval steps (functional: split model, merge inside).
 
 A loss function ``loss_fn(model, batch, key, deterministic) -> (loss_sum, sums)`` returns the summed loss of a
-(micro-)batch and a dict of sums that holds at least ``weight`` (what the loss is averaged over). Micro-batches
-(gradient accumulation) add their sums, so an accumulated step equals the one big batch.
+(micro-)batch and a dict of sums that holds at least ``weight`` (what the loss is averaged over); ``key`` drives
+dropout. An optional ``prepare(batch, key) -> batch`` (e.g. MLM masking) runs on the whole global batch first.
+Micro-batches (gradient accumulation) add their sums, so without dropout an accumulated step equals the one big
+batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mra_jax.sharding import partition_spec
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+PrepareFn = Callable[[Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -84,7 +87,7 @@ def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_fn: LossFn, *, seed: int, grad_accum_steps: int, shardings: TrainState,
-                    batch_sharding: NamedSharding) -> Callable:
+                    batch_sharding: NamedSharding, prepare: PrepareFn | None = None) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with shardings and the state donated.
 
     The step's randomness (masking, dropout) is ``fold_in(key(seed), state.step)``: a resumed run draws exactly
@@ -100,7 +103,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         return jax.grad(f, has_aux=True)(params)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        key = jax.random.fold_in(base_key, state.step)
+        prepare_key, key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        if prepare is not None:
+            batch = prepare(batch, prepare_key)
         if grad_accum_steps == 1:
             grads, sums = grads_of(state.params, batch, key)
         else:
@@ -117,7 +122,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(grad_accum_steps), micro))
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / weight
@@ -130,12 +135,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, seed: int, shardings: TrainState,
-                   batch_sharding: NamedSharding) -> Callable:
+                   batch_sharding: NamedSharding, prepare: PrepareFn | None = None) -> Callable:
     """``eval_step(params, batch, index) -> sums`` without dropout; batch ``index`` fixes its randomness."""
     base_key = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
 
     def step(params: nnx.State, batch: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
-        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, jax.random.fold_in(base_key, index), True)
+        key = jax.random.fold_in(base_key, index)
+        if prepare is not None:
+            batch = prepare(batch, key)
+        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, key, True)
         return {**sums, "loss_sum": loss_sum}
 
     return jax.jit(step, in_shardings=(shardings.params, batch_sharding, None))

@@ -1,0 +1,221 @@
+"""The training core in one process on 8 fake CPU devices: masked-position loss, masking, sharded steps equal to
+the single-device step, partition specs, gradient accumulation, the optimizer, config and mesh refusals, NaN guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import mra_jax
+from mra_jax.options import RuntimeOptions
+from mra_jax.training import optim
+from mra_jax.training import step as step_lib
+from mra_jax.training.config import PretrainConfig, load_config
+from mra_jax.training.masking import MaskingSpec, mask_tokens
+from mra_jax.training.pretrain import NonFiniteError, mlm_loss, mlm_masking, run
+
+CONFIG = mra_jax.MraConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=128, block_per_row=1)
+SPEC = MaskingSpec(mask_id=98, vocab_size=99, special_ids=(0, 1, 2, 3, 98))
+B, S = 8, 64
+
+
+def _batch(seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, 98, (B, S))
+    lengths = rng.integers(S // 2, S + 1, B)
+    mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask, ids, 1)
+    ids[:, 0] = 0
+    return {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask)}
+
+
+def test_masking_draws_bert_positions_and_never_specials_or_padding():
+    batch = _batch()
+    ids, positions, labels, weights = jax.jit(lambda k: mask_tokens(k, batch["input_ids"], batch["attention_mask"],
+                                                                     SPEC))(jax.random.key(3))
+    ids, positions, labels, weights = map(np.asarray, (ids, positions, labels, weights))
+    original = np.asarray(batch["input_ids"])
+    eligible = (np.asarray(batch["attention_mask"]) == 1) & ~np.isin(original, SPEC.special_ids)
+    assert positions.shape == (B, SPEC.num_predictions(S))
+    for row in range(B):
+        chosen = positions[row][weights[row] == 1]
+        assert len(set(chosen)) == len(chosen) == max(1, round(eligible[row].sum() * 0.15))
+        assert eligible[row][chosen].all()
+        np.testing.assert_array_equal(labels[row][weights[row] == 1], original[row][chosen])
+        untouched = np.setdiff1d(np.arange(S), chosen)
+        np.testing.assert_array_equal(ids[row][untouched], original[row][untouched])
+    replaced = ids[np.arange(B)[:, None], positions][weights == 1]
+    assert (replaced == SPEC.mask_id).mean() > 0.5
+    again = mask_tokens(jax.random.key(3), batch["input_ids"], batch["attention_mask"], SPEC)
+    np.testing.assert_array_equal(np.asarray(again[0]), ids)
+
+
+def test_masked_positions_loss_equals_full_logits_loss():
+    model = mra_jax.MraForMaskedLM(CONFIG, rngs=nnx.Rngs(0))
+    batch = mlm_masking(SPEC)(_batch(), jax.random.key(1))
+    sums = nnx.jit(lambda m, b: m.masked_positions_loss(b["input_ids"], b["attention_mask"], b["positions"],
+                                                        b["labels"], b["weights"]))(model, batch)
+    labels = np.full((B, S), -100)
+    pos, lab, w = map(np.asarray, (batch["positions"], batch["labels"], batch["weights"]))
+    for row in range(B):
+        labels[row, pos[row][w[row] == 1]] = lab[row][w[row] == 1]
+    out = nnx.jit(lambda m, b, y: m(b["input_ids"], attention_mask=b["attention_mask"], labels=y))(
+        model, batch, jnp.asarray(labels))
+    assert float(sums["weight"]) == (labels != -100).sum()
+    assert abs(float(sums["loss_sum"] / sums["weight"]) - float(out.loss)) < 1e-5 * float(out.loss)
+    predictions = np.asarray(out.logits.argmax(-1))
+    assert float(sums["correct"]) == ((predictions == labels) & (labels != -100)).sum()
+
+
+def _state_and_step(mesh, rules, config=CONFIG, grad_accum_steps=1):
+    options = RuntimeOptions(mesh=mesh)
+    schedule = optim.make_schedule(optim.OptimizerConfig(warmup_steps=0), 10)
+    tx = optim.make_optimizer(optim.OptimizerConfig(), schedule)
+    graphdef, state, shardings = step_lib.init_state(
+        lambda: mra_jax.MraForMaskedLM(config, rngs=nnx.Rngs(0), options=options), tx, mesh, rules)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    train = step_lib.make_train_step(graphdef, tx, schedule, mlm_loss, seed=0, grad_accum_steps=grad_accum_steps,
+                                     shardings=shardings, batch_sharding=batch_sharding, prepare=mlm_masking(SPEC))
+
+    def grads(state, batch):  # the step's loss and gradients (same keys as the step), sharded as the state
+        prepare_key, key = jax.random.split(jax.random.fold_in(jax.random.key(0), state.step))
+        batch = mlm_masking(SPEC)(batch, prepare_key)
+        (loss_sum, sums), g = jax.value_and_grad(
+            lambda p: mlm_loss(nnx.merge(graphdef, p), batch, key, False), has_aux=True)(state.params)
+        return loss_sum / sums["weight"], g
+
+    grads = jax.jit(grads, in_shardings=(shardings, batch_sharding), out_shardings=(None, shardings.params))
+    return state, shardings, train, grads
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    mesh = mra_jax.sharding.make_mesh(devices=jax.devices()[:1])
+    state, _, train, grads = _state_and_step(mesh, "dp")
+    batch = _batch()
+    loss, g = grads(state, batch)
+    _, metrics = train(state, batch)
+    return float(loss), jax.device_get(g), float(metrics["loss"])
+
+
+@pytest.mark.parametrize(("sizes", "rules"), [((8, 1, 1), "dp"), ((2, 4, 1), "fsdp"), ((1, 4, 2), "fsdp_tp")])
+def test_sharded_step_equals_single_device_step(sizes, rules, single_device):
+    mesh = mra_jax.sharding.make_mesh(*sizes)
+    state, _, train, grads = _state_and_step(mesh, rules)
+    batch = _batch()
+    loss, g = grads(state, batch)
+    ref_loss, ref_grads, ref_step_loss = single_device
+    assert abs(float(loss) - ref_loss) <= 1e-6 * ref_loss
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(ref_grads))
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(g)),
+                                 jax.tree.leaves(ref_grads), strict=True):
+        # Relative to the leaf, or to the largest gradient for leaves that are ~0 (key biases: softmax-invariant).
+        assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-3 * scale), path
+    new_state, metrics = train(state, batch)
+    assert abs(float(metrics["loss"]) - ref_step_loss) <= 1e-6 * ref_step_loss
+    # Every parameter and optimizer-state leaf is placed as the rule set says.
+    specs = {step_lib.key_path(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(new_state.params)}
+    expected_embed = {"dp": None, "fsdp": "fsdp", "fsdp_tp": "fsdp"}[rules]
+    query = specs[("mra", "encoder", "layer", 0, "attention", "self", "query", "kernel")]
+    assert tuple(query) == (expected_embed, "tensor" if rules == "fsdp_tp" else None)
+    assert tuple(specs[("mra", "embeddings", "word_embeddings", "embedding")]) == (None, expected_embed)
+    assert tuple(specs[("mra", "encoder", "layer", 1, "intermediate", "dense", "kernel")]) == (
+        expected_embed, "tensor" if rules == "fsdp_tp" else None)
+    moments = [m for name in ("mu", "nu") for _, m in optax.tree_utils.tree_get_all_with_path(new_state.opt_state,
+                                                                                              name)]
+    assert len(moments) == 2
+    for moment in moments:
+        for path, x in jax.tree_util.tree_leaves_with_path(moment):
+            assert x.sharding.spec == specs[step_lib.key_path(path)], path
+    assert new_state.step.sharding.spec == PartitionSpec()
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    config = dataclasses.replace(CONFIG, hidden_dropout_prob=0.0, num_hidden_layers=1)
+    mesh = mra_jax.sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
+    batch = _batch(5)
+    outs = []
+    for accum in (1, 2):
+        state, _, train, _ = _state_and_step(mesh, "fsdp", config, grad_accum_steps=accum)
+        new_state, metrics = train(state, batch)
+        outs.append((float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new_state.params)))
+    assert abs(outs[0][0] - outs[1][0]) <= 1e-6 * outs[0][0]
+    assert abs(outs[0][1] - outs[1][1]) <= 1e-5 * outs[0][1]
+    for a, b in zip(jax.tree.leaves(outs[0][2]), jax.tree.leaves(outs[1][2]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_optimizer_decays_only_weights_and_follows_the_schedule():
+    cfg = optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, end_learning_rate=1e-4, schedule="cosine")
+    schedule = optim.make_schedule(cfg, 100)
+    np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)], [0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
+    linear = optim.make_schedule(dataclasses.replace(cfg, schedule="linear", end_learning_rate=0.0), 100)
+    np.testing.assert_allclose([linear(s) for s in (10, 55, 100)], [1e-3, 5e-4, 0], atol=1e-9)
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "LayerNorm": {"scale": jnp.ones(2)},
+              "word_embeddings": {"embedding": jnp.ones((3, 2))}}
+    tx = optim.make_optimizer(dataclasses.replace(cfg, weight_decay=0.1, warmup_steps=0, schedule="constant"),
+                              optax.constant_schedule(1.0))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0
+    assert float(jnp.abs(updates["word_embeddings"]["embedding"]).max()) > 0
+    assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0
+    assert float(jnp.abs(updates["LayerNorm"]["scale"]).max()) == 0
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(PretrainConfig, "configs/pretrain/tiny.yaml",
+                       [f"output_dir={tmp_path}", "progress_bar=false", "tensorboard=false", "data.seq_len=64",
+                        "data.batch_size=8", *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["mesh.data=3"], "mesh"),
+    (["mesh.data=2", "mesh.tensor=4"], "attention heads are not divisible by mesh.tensor=4"),
+    (["data.batch_size=12"], "not divisible by mesh.data x mesh.fsdp = 8"),
+    (["optimizer.grad_accum_steps=3"], "not divisible by optimizer.grad_accum_steps=3"),
+    (["data.seq_len=1024"], "exceeds the model's max_position_embeddings"),
+    (["dtype=float16"], "dtype must be one of"),
+    (["model=configs/models/nope.json"], "does not exist"),
+])
+def test_bad_configs_are_refused_before_any_compilation(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run(_tiny(tmp_path, *overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_keys_and_wrong_types_are_refused():
+    with pytest.raises(ValueError, match="Did you mean: 'steps'"):
+        load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["stepz=3"])
+    with pytest.raises(ValueError, match=r"full_key: data\.seq_len"):
+        load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["data.seq_len=abc"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["steps"])
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # The learning rate warms up from 0 to 1e30: step 1 changes nothing, step 2 blows the weights up, step 3's loss
+    # is not finite.
+    cfg = _tiny(tmp_path, "steps=6", "checkpoint_every=1", "log_every=3", "eval_every=0", "mesh.data=8",
+                "optimizer.learning_rate=1e30", "optimizer.warmup_steps=3", "optimizer.max_grad_norm=0",
+                "attention=dense")
+    with pytest.raises(NonFiniteError, match=r"step (\d)") as info:
+        run(cfg)
+    bad = int(info.value.args[0].split()[1].rstrip(":"))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) < bad
+    assert not any("tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    metrics = tmp_path / "metrics.jsonl"  # the window holding the bad step is not logged
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert all(np.isfinite(r["loss"]) and r["step"] < bad for r in logged if "loss" in r)
+    restored = mra_jax.MraForMaskedLM.from_pretrained(tmp_path / "checkpoints" / str(max(steps)))
+    assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(nnx.state(restored)))
