@@ -219,3 +219,22 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["step"] < bad for r in logged if "loss" in r)
     restored = mra_jax.MraForMaskedLM.from_pretrained(tmp_path / "checkpoints" / str(max(steps)))
     assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(nnx.state(restored)))
+
+
+def test_remat_policies_give_the_same_gradients():
+    batch = mlm_masking(SPEC)(_batch(2), jax.random.key(0))
+    results = []
+    for remat in ("none", "full", "dots"):
+        model = mra_jax.MraForMaskedLM(CONFIG, rngs=nnx.Rngs(0), options=RuntimeOptions(remat=remat))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            return mlm_loss(nnx.merge(graphdef, p), batch, jax.random.key(1), False)[0]
+
+        results.append(jax.device_get(jax.jit(jax.value_and_grad(loss))(params)))
+    for value, grads in results[1:]:
+        assert float(value) == pytest.approx(float(results[0][0]), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        RuntimeOptions(remat="some")

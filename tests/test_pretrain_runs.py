@@ -1,0 +1,120 @@
+"""scripts/pretrain.py end to end, in subprocesses on 8 fake CPU devices: the loss falls, a run killed with SIGKILL
+resumes to exactly the uninterrupted run's losses, and a two-process run (jax.distributed over localhost, 4 devices
+each) logs the same losses as the one-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 30
+ARGS = ["configs/pretrain/tiny.yaml", "progress_bar=false", "tensorboard=false", "data.seq_len=64",
+        "data.batch_size=8", f"steps={STEPS}", "log_every=1", "eval_every=15", "checkpoint_every=10",
+        "mesh.data=2", "mesh.fsdp=4", "optimizer.warmup_steps=3", "optimizer.learning_rate=2e-3"]
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env(devices: int) -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
+            "PYTHONPATH": str(ROOT)}
+
+
+def _command(out: pathlib.Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *ARGS, f"output_dir={out}", *extra]
+
+
+def _records(out: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: pathlib.Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"checkpoint: {out / 'checkpoints' / str(STEPS)}" in done.stdout
+    return out
+
+
+def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference):
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    evals = [r for r in _records(reference) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert np.mean([losses[s] for s in range(1, 4)]) - np.mean([losses[s] for s in range(26, 31)]) > 0.5
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    record = _records(reference)[-2]
+    assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"} <= set(record)
+    assert (reference / "config.yaml").is_file() and (reference / "tokenizer.json").is_file()
+    steps = sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [20, 30]  # keep_checkpoints: 2
+    import mra_jax  # the step directory is a model checkpoint
+
+    model = mra_jax.MraForMaskedLM.from_pretrained(reference / "checkpoints" / "30")
+    assert model.config.vocab_size <= 1000
+    export = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_to_hf.py"), "--checkpoint",
+                             str(reference / "checkpoints" / "30"), "--out", str(reference / "hf")], cwd=ROOT,
+                            env=_env(1), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    assert (reference / "hf" / "model.safetensors").is_file()
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_command(out), cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        # Kill as soon as the second checkpoint is being written (or, failing that, a few steps after it).
+        while time.time() < deadline and process.poll() is None:
+            checkpoints = out / "checkpoints"
+            names = [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
+            logged = max(_losses(out), default=0) if (out / "metrics.jsonl").is_file() else 0
+            if any(n.startswith("20.") for n in names) or logged >= 23:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = max(_losses(out))
+    assert killed_at < STEPS
+    done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(out) == _losses(reference)  # bitwise: same data, masks and dropout after the resume
+    evals = [(r["step"], r["eval_loss"]) for r in _records(out) if "eval_loss" in r]
+    assert evals == [(r["step"], r["eval_loss"]) for r in _records(reference) if "eval_loss" in r]
+    assert not [p for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_two_processes_log_the_losses_of_one_process(reference, tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    processes = [subprocess.Popen(
+        _command(out, f"distributed.coordinator_address=localhost:{port}", "distributed.num_processes=2",
+                 f"distributed.process_id={i}", "distributed.local_device_count=4"),
+        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got, want = _losses(out), _losses(reference)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5)
+    assert sorted(p.name for p in (out / "checkpoints" / "30" / "data").iterdir() if p.suffix == ".json") == [
+        "process_0-of-2.json", "process_1-of-2.json"]
