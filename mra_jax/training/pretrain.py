@@ -12,14 +12,14 @@ import dataclasses
 import math
 import os
 import pathlib
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
-from tqdm import tqdm
+from jax.sharding import Mesh, NamedSharding
 
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling import MraForMaskedLM
@@ -28,16 +28,14 @@ from mra_jax.training import data as data_lib
 from mra_jax.training import runtime
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import PretrainConfig, to_yaml
+from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.masking import MaskingSpec, mask_tokens
 from mra_jax.training.metrics import MetricsWriter, mlm_train_flops_per_token, peak_flops_per_device
 from mra_jax.training.optim import make_optimizer, make_schedule
-from mra_jax.training.step import init_state, make_eval_step, make_train_step
+from mra_jax.training.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; the state of that step was not saved."""
+__all__ = ["NonFiniteError", "Pretraining", "build_pretraining", "mlm_loss", "mlm_masking", "run", "validate"]
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -114,25 +112,48 @@ def _write_text(path: pathlib.Path, text: str) -> None:
     tmp.replace(path)
 
 
-class _Window:
-    """Metrics of the steps since the last host sync, checked for NaN before anything is logged or saved."""
+@dataclasses.dataclass
+class Pretraining:
+    """Everything a pretraining step needs, built without allocating parameters (also used ahead of time)."""
 
-    def __init__(self):
-        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-        self.start = time.perf_counter()
+    config: MraConfig
+    mesh: Mesh
+    options: RuntimeOptions
+    spec: MaskingSpec
+    build: Callable[[], MraForMaskedLM]
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    abstract: TrainState
+    shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
 
-    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
 
-    def flush(self) -> tuple[list[tuple[int, dict[str, float]]], float]:
-        fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self.pending)]
-        for step, m in fetched:
-            if not m["finite"]:
-                raise NonFiniteError(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']} — stopping; "
-                                     "this step's state is not saved, the last checkpoint is kept")
-        elapsed = time.perf_counter() - self.start
-        self.pending, self.start = [], time.perf_counter()
-        return fetched, elapsed
+def build_pretraining(cfg: PretrainConfig, config: MraConfig, mesh: Mesh, special: data_lib.SpecialTokens,
+                      platform: str | None = None) -> Pretraining:
+    """The model, optimizer, shardings and jitted steps of ``cfg`` on ``mesh`` (``platform``: whose kernels)."""
+    runtime.check_fits(config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.seq_len)
+    options = RuntimeOptions(implementation=cfg.attention, platform=platform, mesh=mesh, remat=cfg.remat)
+    dtype = DTYPES[cfg.dtype]
+    spec = MaskingSpec(mask_id=special.mask_id, vocab_size=special.vocab_size, special_ids=special.special_ids,
+                       probability=cfg.mlm_probability)
+    schedule = make_schedule(cfg.optimizer, cfg.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+
+    def build() -> MraForMaskedLM:
+        return MraForMaskedLM(config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, options=options)
+
+    graphdef, abstract, shardings = abstract_state(build, tx, mesh, cfg.mesh.rules)
+    batch_sharding = runtime.batch_sharding(mesh)
+    prepare = mlm_masking(spec)
+    train_step = make_train_step(graphdef, tx, schedule, mlm_loss, seed=cfg.seed,
+                                 grad_accum_steps=cfg.optimizer.grad_accum_steps, shardings=shardings,
+                                 batch_sharding=batch_sharding, prepare=prepare)
+    eval_step = make_eval_step(graphdef, mlm_loss, seed=cfg.seed, shardings=shardings, batch_sharding=batch_sharding,
+                               prepare=prepare)
+    return Pretraining(config, mesh, options, spec, build, tx, graphdef, abstract, shardings, batch_sharding,
+                       train_step, eval_step)
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -146,7 +167,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, output_dir)
     special = data_lib.special_tokens(tokenizer)
     config, from_checkpoint = _model_config(cfg, special)
-    runtime.check_fits(config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.seq_len)
+    job = build_pretraining(cfg, config, mesh, special)  # refuses what the mesh cannot split, before any work
     train_seqs, eval_seqs = data_lib.prepare(cfg.data, tokenizer)
     if primary:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,29 +177,13 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             tokenizer.save(str(output_dir / f".tokenizer.json.tmp-{os.getpid()}"))
             os.replace(output_dir / f".tokenizer.json.tmp-{os.getpid()}", output_dir / "tokenizer.json")
 
-    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat)
-    dtype = DTYPES[cfg.dtype]
-    spec = MaskingSpec(mask_id=special.mask_id, vocab_size=special.vocab_size, special_ids=special.special_ids,
-                       probability=cfg.mlm_probability)
-    schedule = make_schedule(cfg.optimizer, cfg.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-
-    def build() -> MraForMaskedLM:
-        return MraForMaskedLM(config, rngs=nnx.Rngs(cfg.seed), dtype=dtype, options=options)
-
     start_params = None
     if from_checkpoint:
-        loaded = MraForMaskedLM.from_pretrained(cfg.model, dtype=dtype, options=options, rules=cfg.mesh.rules)
+        loaded = MraForMaskedLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=job.options,
+                                                rules=cfg.mesh.rules)
         start_params = nnx.split(loaded, nnx.Param)[1]
-    graphdef, state, shardings = init_state(build, tx, mesh, cfg.mesh.rules, start_params)
+    _, state, _ = init_state(job.build, job.tx, mesh, cfg.mesh.rules, start_params)
     del start_params
-    batch_sharding = runtime.batch_sharding(mesh)
-    prepare = mlm_masking(spec)
-    train_step = make_train_step(graphdef, tx, schedule, mlm_loss, seed=cfg.seed,
-                                 grad_accum_steps=cfg.optimizer.grad_accum_steps, shardings=shardings,
-                                 batch_sharding=batch_sharding, prepare=prepare)
-    eval_step = make_eval_step(graphdef, mlm_loss, seed=cfg.seed, shardings=shardings, batch_sharding=batch_sharding,
-                               prepare=prepare)
 
     iterator = data_lib.train_iterator(train_seqs, cfg.data.batch_size, cfg.data.shuffle_seed, special.pad_id,
                                        jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)
@@ -187,64 +192,38 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = checkpoints.latest_step()
     if start is not None:
-        state, _ = checkpoints.restore(start, jax.eval_shape(lambda: state), shardings, iterator)
+        state, _ = checkpoints.restore(start, job.abstract, job.shardings, iterator)
     start = start or 0
     writer = MetricsWriter(output_dir, enabled=primary, tensorboard=cfg.tensorboard, resume_step=start)
 
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_token = mlm_train_flops_per_token(config, cfg.data.seq_len, spec.num_predictions(cfg.data.seq_len),
-                                                dense_attention=cfg.attention == "dense")
-    peak = peak_flops_per_device()
-    devices = runtime.num_devices(mesh)
-
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
         totals: dict[str, float] = {}
         for index, local in enumerate(evals):
-            sums = jax.device_get(eval_step(state.params, runtime.global_batch(local, batch_sharding), index))
+            sums = jax.device_get(job.eval_step(state.params, runtime.global_batch(local, job.batch_sharding), index))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         weight = max(totals["weight"], 1.0)
         loss = totals["loss_sum"] / weight
-        record = {"step": step, "eval_loss": loss, "eval_accuracy": totals["correct"] / weight,
-                  "eval_perplexity": math.exp(min(loss, 700.0))}
-        writer.write(record)
-        return record
+        return {"step": step, "eval_loss": loss, "eval_accuracy": totals["correct"] / weight,
+                "eval_perplexity": math.exp(min(loss, 700.0))}
 
-    result: dict[str, Any] = {"start_step": start}
-    window = _Window()
-    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", disable=not (primary and cfg.progress_bar),
-               dynamic_ncols=True)
+    seq_len = cfg.data.seq_len
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            state, metrics = train_step(state, runtime.global_batch(next(iterator), batch_sharding))
-            window.add(step, metrics)
-            bar.update(1)
-            last = step == cfg.steps
-            do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
-            do_save = last or step % cfg.checkpoint_every == 0
-            if not (last or do_eval or do_save or step % cfg.log_every == 0):
-                continue
-            fetched, elapsed = window.flush()
-            tokens_per_second = tokens_per_step * len(fetched) / elapsed
-            for s, m in fetched:
-                if s % cfg.log_every == 0 or s == cfg.steps:
-                    record = {"step": s, "loss": m["loss"], "learning_rate": m["learning_rate"],
-                              "grad_norm": m["grad_norm"], "masked_accuracy": m["correct"] / max(m["weight"], 1.0),
-                              "tokens_per_second": tokens_per_second,
-                              "mfu": None if peak is None else tokens_per_second * flops_per_token / (peak * devices)}
-                    writer.write(record)
-                    result["train"] = record
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
-            if do_eval:
-                result["eval"] = evaluate(step)
-                window.start = time.perf_counter()
-            if do_save:
-                checkpoints.save(state, iterator, config, {"seed": cfg.seed})
+        _, result = train_loop(
+            state, job.train_step, iterator, job.batch_sharding,
+            Schedule(cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every), start=start, writer=writer,
+            save=lambda s: checkpoints.save(s, iterator, config, {"seed": cfg.seed}), evaluate=evaluate,
+            tokens_per_step=cfg.data.batch_size * seq_len,
+            flops_per_token=mlm_train_flops_per_token(config, seq_len, job.spec.num_predictions(seq_len),
+                                                      dense_attention=cfg.attention == "dense"),
+            peak_flops=peak_flops_per_device(),
+            extra_metrics=lambda m: {"masked_accuracy": m["correct"] / max(m["weight"], 1.0)},
+            progress=cfg.progress_bar, description="pretrain")
     finally:
-        bar.close()
         checkpoints.wait()
         checkpoints.close()
         writer.close()
+    result["start_step"] = start
     result["output_dir"] = str(output_dir)
     result["checkpoint"] = str(output_dir / "checkpoints" / str(cfg.steps))
     return result
