@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Self
@@ -68,7 +69,8 @@ class MraPreTrainedModel(nnx.Module):
                         param_dtype: Dtype = jnp.float32, mesh: Mesh | None = None,
                         rules: str | Mapping[str, str | None] = "fsdp", num_labels: int | None = None, seed: int = 0,
                         progress: Callable[[int, int], None] | None = None,
-                        options: RuntimeOptions | None = None) -> Self:
+                        options: RuntimeOptions | None = None,
+                        config_overrides: Mapping[str, Any] | None = None) -> Self:
         """Load an HF checkpoint directory (``config.json`` with ``model.safetensors``, a sharded safetensors index
         or ``pytorch_model.bin``) or an Orbax checkpoint written by `save_pretrained` (detected).
 
@@ -78,6 +80,7 @@ class MraPreTrainedModel(nnx.Module):
           num_labels: override the number of labels of the checkpoint's config (for a new classification head).
           seed: initialises head parameters the checkpoint does not have (another head or the bare encoder).
           progress: called with ``(done, total)`` as tensors are loaded.
+          config_overrides: config fields to change (e.g. ``id2label``, ``problem_type`` for a new head).
           options: run-time choices (`RuntimeOptions`: attention implementation, mesh, remat); its mesh is also
             the one parameters are placed on when ``mesh`` is not given.
 
@@ -91,6 +94,8 @@ class MraPreTrainedModel(nnx.Module):
         architecture = (config.extra.get("architectures") or [None])[0]
         if num_labels is not None:
             config = config.with_num_labels(num_labels)
+        if config_overrides:
+            config = dataclasses.replace(config, **config_overrides)
         if is_orbax_checkpoint(path):
             source = OrbaxSource(path, architecture)
         elif has_hf_weights(path):

@@ -38,19 +38,32 @@ def params_from_tree(tree: dict, like):
 
 
 class TrainCheckpoints:
-    """Asynchronous training checkpoints under ``directory``; ``keep`` most recent ones are kept."""
+    """Asynchronous training checkpoints under ``directory``: the ``keep`` most recent ones, and with ``best_metric``
+    also the best one by that metric (``best_mode`` "max" or "min") of the metrics given to `save`."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "max"):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=checkpoint_managers.LatestN(n=keep), cleanup_tmp_directories=True,
-            enable_async_checkpointing=True)
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        policy = checkpoint_managers.LatestN(n=keep)
+        if best_metric is not None:
+            policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1)])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=True,
+                                               best_fn=None if best_metric is None else (lambda m: m[best_metric]),
+                                               best_mode=best_mode)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator: Any, config: MraConfig, meta: dict[str, Any]) -> None:
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, state: TrainState, data_iterator: Any, config: MraConfig, meta: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied)."""
         step = int(jax.device_get(state.step))
         args = ocp.args.Composite(
@@ -59,7 +72,7 @@ class TrainCheckpoints:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({**meta, "step": step}),
             **{MODEL_CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())})
-        self.manager.save(step, args=args, force=True)
+        self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState,
                 data_iterator: Any) -> tuple[TrainState, dict[str, Any]]:

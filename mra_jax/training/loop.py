@@ -52,13 +52,15 @@ class _Window:
 
 def train_loop(state: TrainState, train_step: Callable, iterator: Iterator[Mapping[str, np.ndarray]],
                batch_sharding: NamedSharding, schedule: Schedule, *, start: int, writer: MetricsWriter,
-               save: Callable[[TrainState], None], evaluate: Callable[[TrainState, int], dict[str, Any]] | None,
+               save: Callable[[TrainState, dict[str, Any] | None], None],
+               evaluate: Callable[[TrainState, int], dict[str, Any]] | None,
                tokens_per_step: int, flops_per_token: float | None, peak_flops: float | None,
                extra_metrics: Callable[[dict[str, float]], dict[str, float]] = lambda m: {},
                progress: bool = True, description: str = "train") -> tuple[TrainState, dict[str, Any]]:
     """Run steps ``start + 1 .. schedule.steps``; returns the final state and the last train and eval records.
 
-    Logged records: ``step``, ``loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``mfu`` (``None``
+    ``save(state, eval_record)`` gets the evaluation of the same step, or ``None``. Logged records: ``step``,
+    ``loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``mfu`` (``None``
     where the device's peak is unknown) and ``extra_metrics(step metrics)``. The host syncs only at log, eval and
     save steps; every step in between is still checked for NaN before anything is written.
     """
@@ -89,12 +91,13 @@ def train_loop(state: TrainState, train_step: Callable, iterator: Iterator[Mappi
                     writer.write(record)
                     result["train"] = record
                     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            record = None
             if do_eval:
-                result["eval"] = evaluate(state, step)
-                writer.write(result["eval"])
+                record = result["eval"] = evaluate(state, step)
+                writer.write(record)
                 window.start = time.perf_counter()
             if do_save:
-                save(state)
+                save(state, record)
     finally:
         bar.close()
     return state, result

@@ -212,7 +212,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         _, result = train_loop(
             state, job.train_step, iterator, job.batch_sharding,
             Schedule(cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every), start=start, writer=writer,
-            save=lambda s: checkpoints.save(s, iterator, config, {"seed": cfg.seed}), evaluate=evaluate,
+            save=lambda s, _: checkpoints.save(s, iterator, config, {"seed": cfg.seed}), evaluate=evaluate,
             tokens_per_step=cfg.data.batch_size * seq_len,
             flops_per_token=mlm_train_flops_per_token(config, seq_len, job.spec.num_predictions(seq_len),
                                                       dense_attention=cfg.attention == "dense"),

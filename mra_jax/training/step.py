@@ -99,7 +99,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     def grads_of(params: nnx.State, batch: Mapping[str, jax.Array], key: jax.Array):
         def f(p):
             loss_sum, sums = loss_fn(nnx.merge(graphdef, p), batch, key, False)
-            return loss_sum, sums
+            return loss_sum, {**sums, "loss_sum": loss_sum}
         return jax.grad(f, has_aux=True)(params)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:

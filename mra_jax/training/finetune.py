@@ -1,0 +1,289 @@
+"""Fine-tuning of the MRA heads: `run(FinetuneConfig)`, driven by ``scripts/finetune.py``.
+
+Shares the pretraining core: the config system, `train_loop`, sharded `TrainState`, Orbax checkpoints and metrics.
+The task decides the model class, the loss (summed, so micro-batches and processes add up) and the eval metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from dataclasses import field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from tokenizers import Tokenizer
+
+from mra_jax.configuration import MraConfig
+from mra_jax.losses import IGNORE_INDEX
+from mra_jax.modeling import (
+    MraForMultipleChoice,
+    MraForQuestionAnswering,
+    MraForSequenceClassification,
+    MraForTokenClassification,
+    MraPreTrainedModel,
+)
+from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES, RuntimeOptions
+from mra_jax.training import runtime, task_metrics, tasks
+from mra_jax.training.checkpointing import TrainCheckpoints
+from mra_jax.training.config import DistributedConfig, MeshConfig, to_yaml
+from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
+from mra_jax.training.metrics import MetricsWriter
+from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+from mra_jax.training.step import TrainState, init_state, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_CLASSES: dict[str, type[MraPreTrainedModel]] = {
+    "sequence_classification": MraForSequenceClassification, "token_classification": MraForTokenClassification,
+    "question_answering": MraForQuestionAnswering, "multiple_choice": MraForMultipleChoice}
+DEFAULT_METRIC = {"sequence_classification": "accuracy", "token_classification": "f1",
+                  "question_answering": "f1", "multiple_choice": "accuracy"}
+__all__ = ["FinetuneConfig", "NonFiniteError", "run"]
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    task: str = "sequence_classification"
+    output_dir: str = "out/finetune"
+    model: str = ""  # an HF / Orbax / training checkpoint directory (a pretraining run's checkpoints/<step>)
+    tokenizer: str | None = None  # tokenizer.json; None: the model directory's, or its pretraining run's
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # also when checkpoints are written (each with its eval metrics)
+    keep_checkpoints: int = 2
+    best_metric: str | None = None  # None: the task's default (accuracy, f1, f1, accuracy; mse for regression)
+    best_mode: str | None = None  # None: "min" for mse, else "max"
+    export_hf: bool = True  # write the best model to output_dir/hf (config.json + model.safetensors + tokenizer)
+    dtype: str = "float32"
+    attention: str | None = None
+    remat: str = "none"
+    tensorboard: bool = True
+    progress_bar: bool = True
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: tasks.TaskDataConfig = field(default_factory=tasks.TaskDataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    errors = []
+    if cfg.task not in MODEL_CLASSES:
+        errors.append(f"task must be one of {sorted(MODEL_CLASSES)}, got {cfg.task!r}")
+    for name in ("steps", "log_every", "eval_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.dtype not in DTYPES:
+        errors.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.attention not in IMPLEMENTATIONS:
+        errors.append(f"attention must be one of {IMPLEMENTATIONS}, got {cfg.attention!r}")
+    if cfg.remat not in REMAT_POLICIES:
+        errors.append(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
+    if cfg.best_mode not in (None, "max", "min"):
+        errors.append(f"best_mode must be max or min, got {cfg.best_mode!r}")
+    if not cfg.model or not os.path.isdir(cfg.model):
+        errors.append(f"model {cfg.model!r} is not a checkpoint directory")
+    try:
+        cfg.optimizer.validate(cfg.steps)
+    except ValueError as e:
+        errors.append(str(e))
+    if errors:
+        raise ValueError("invalid fine-tuning config: " + "; ".join(errors))
+
+
+def find_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
+    """``cfg.tokenizer``, else ``tokenizer.json`` in the model directory or in the pretraining run it comes from."""
+    model = pathlib.Path(cfg.model)
+    candidates = [pathlib.Path(cfg.tokenizer)] if cfg.tokenizer else [model / "tokenizer.json",
+                                                                      model.parent.parent / "tokenizer.json"]
+    for path in candidates:
+        if path.is_file():
+            return Tokenizer.from_file(str(path)), path
+    raise ValueError(f"no tokenizer: looked for {', '.join(map(str, candidates))}; set tokenizer=PATH")
+
+
+# ----------------------------------------------------------------------------------------------- losses per task
+
+
+def _row_weight(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:
+    return batch["weight"].astype(jnp.float32) if "weight" in batch else jnp.ones((rows,), jnp.float32)
+
+
+def task_loss(task: str, problem_type: str | None):
+    """``loss_fn(model, batch, key, deterministic) -> (loss_sum, sums)`` with HF's losses, summed over rows (tokens
+    for token classification); eval fillers (``weight`` 0) count for nothing. ``sums["outputs"]`` holds the
+    predictions the metrics need."""
+    def loss_fn(model, batch, key, deterministic):
+        kwargs = {"deterministic": deterministic, "rngs": nnx.Rngs(dropout=key)}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = ids.shape[0]
+        w = _row_weight(batch, rows)
+        if task == "question_answering":
+            out = model(ids, attention_mask=mask, **kwargs)
+            seq = out.start_logits.shape[1]
+
+            def ce(logits, positions):
+                positions = jnp.clip(positions, 0, seq)
+                valid = positions < seq
+                per = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                      jnp.where(valid, positions, 0))
+                return jnp.where(valid, per, 0.0)
+
+            per_row = (ce(out.start_logits, batch["start_positions"]) + ce(out.end_logits, batch["end_positions"])) / 2
+            outputs = {"start_logits": out.start_logits, "end_logits": out.end_logits}
+            return jnp.sum(per_row * w), {"weight": jnp.sum(w), "outputs": outputs}
+        out = model(ids, attention_mask=mask, **kwargs)
+        logits = out.logits.astype(jnp.float32)
+        labels = batch["labels"]
+        if task == "token_classification":
+            valid = (labels != IGNORE_INDEX) & (mask == 1) & (w[:, None] > 0)
+            per = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+            count = valid.sum().astype(jnp.float32)
+            return jnp.sum(jnp.where(valid, per, 0.0)), {"weight": count, "outputs": {"logits": logits}}
+        if task == "multiple_choice" or problem_type == "single_label_classification":
+            per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+        elif problem_type == "regression":
+            per_row = jnp.mean((logits.reshape(rows, -1) - labels.reshape(rows, -1).astype(jnp.float32)) ** 2, -1)
+        else:
+            per_row = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)), -1)
+        return jnp.sum(per_row * w), {"weight": jnp.sum(w), "outputs": {"logits": logits}}
+
+    def train_loss(model, batch, key, deterministic):
+        loss_sum, sums = loss_fn(model, batch, key, deterministic)
+        sums.pop("outputs")
+        return loss_sum, sums
+
+    return loss_fn, train_loss
+
+
+def compute_metrics(task: str, encoded: tasks.Encoded, outputs: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """Task metrics from the eval outputs of the real rows (in feature order)."""
+    if task == "sequence_classification":
+        labels = np.stack([f["labels"] for f in encoded.features])
+        return task_metrics.sequence_classification_metrics(np.concatenate(outputs["logits"]), labels,
+                                                            encoded.problem_type)
+    if task == "multiple_choice":
+        return task_metrics.multiple_choice_metrics(np.concatenate(outputs["logits"]),
+                                                    [int(f["labels"]) for f in encoded.features])
+    if task == "token_classification":
+        return task_metrics.token_classification_metrics([r for b in outputs["logits"] for r in b], encoded)
+    predictions = task_metrics.question_answering_predictions([r for b in outputs["start_logits"] for r in b],
+                                                              [r for b in outputs["end_logits"] for r in b], encoded)
+    return task_metrics.question_answering_metrics(predictions, encoded)
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune; returns the last train and eval records, the best step and the export path."""
+    validate(cfg)
+    runtime.initialize_distributed(cfg.distributed)
+    primary = runtime.is_primary()
+    output_dir = pathlib.Path(cfg.output_dir).absolute()
+    mesh = runtime.build_mesh(cfg.mesh)
+    tokenizer, tokenizer_path = find_tokenizer(cfg)
+    pad_id = tasks.pad_token_id(tokenizer)
+    splits = tasks.load_splits(cfg.task, cfg.data, tokenizer)
+    train, evaluation = splits["train"], splits.get("eval")
+    if evaluation is None:
+        raise ValueError("data.eval_file is required: the best checkpoint is chosen on it")
+    problem_type = train.problem_type
+    regression = problem_type == "regression"
+    best_metric = cfg.best_metric or ("mse" if regression else DEFAULT_METRIC[cfg.task])
+    best_mode = cfg.best_mode or ("min" if best_metric in ("mse", "loss") else "max")
+
+    cls = MODEL_CLASSES[cfg.task]
+    overrides: dict[str, Any] = {}
+    num_labels = None
+    if cfg.task in ("sequence_classification", "token_classification"):
+        names = train.label_names if not regression else ["score"]
+        num_labels = len(names)
+        overrides = {"id2label": dict(enumerate(names)), "problem_type": problem_type}
+    base_config = MraConfig.from_pretrained(cfg.model)
+    runtime.check_fits(base_config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.max_seq_len)
+    if cfg.data.eval_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by mesh.data x "
+                         f"mesh.fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
+    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat)
+    loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
+                                 num_labels=num_labels, config_overrides=overrides, seed=cfg.seed)
+    config = loaded.config.with_extra(architectures=[cls.__name__])
+    if primary:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        shutil.copyfile(tokenizer_path, output_dir / "tokenizer.json")
+
+    schedule = make_schedule(cfg.optimizer, cfg.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    graphdef, state, shardings = init_state(
+        lambda: cls(config, rngs=nnx.Rngs(cfg.seed), dtype=DTYPES[cfg.dtype], options=options), tx, mesh,
+        cfg.mesh.rules, nnx.split(loaded, nnx.Param)[1])
+    del loaded
+    batch_sharding = runtime.batch_sharding(mesh)
+    eval_loss, train_loss = task_loss(cfg.task, problem_type)
+    train_step = make_train_step(graphdef, tx, schedule, train_loss, seed=cfg.seed,
+                                 grad_accum_steps=cfg.optimizer.grad_accum_steps, shardings=shardings,
+                                 batch_sharding=batch_sharding)
+
+    @jax.jit
+    def eval_step(params, batch):
+        loss_sum, sums = eval_loss(nnx.merge(graphdef, params), batch, jax.random.key(0), True)
+        return {"loss_sum": loss_sum, **sums}
+
+    data = cfg.data
+    max_len = data.max_seq_len
+    iterator = tasks.train_iterator(train, data.batch_size, data.shuffle_seed, pad_id, data.bucket, max_len,
+                                    jax.process_index(), jax.process_count(), num_threads=data.num_threads)
+    eval_local = tasks.eval_batches(evaluation, data.eval_batch_size, pad_id, data.bucket, max_len,
+                                    jax.process_index(), jax.process_count())
+
+    def evaluate(state: TrainState, step: int) -> dict[str, Any]:
+        outputs: dict[str, list[np.ndarray]] = {}
+        loss_sum = weight = 0.0
+        for local in eval_local:
+            out = eval_step(state.params, runtime.global_batch(local, batch_sharding))
+            out = multihost_utils.process_allgather(out, tiled=True)
+            keep = np.asarray(multihost_utils.process_allgather(
+                runtime.global_batch({"w": local["weight"]}, batch_sharding)["w"], tiled=True)) > 0
+            loss_sum += float(out["loss_sum"])
+            weight += float(out["weight"])
+            for k, v in out["outputs"].items():
+                outputs.setdefault(k, []).append(np.asarray(v)[keep])
+        metrics = compute_metrics(cfg.task, evaluation, outputs)
+        return {"step": step, "eval_loss": loss_sum / max(weight, 1.0),
+                **{f"eval_{k}": float(v) for k, v in metrics.items()}}
+
+    checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                   best_metric=f"eval_{best_metric}", best_mode=best_mode)
+    start = checkpoints.latest_step()
+    if start is not None:
+        state, _ = checkpoints.restore(start, jax.eval_shape(lambda: state), shardings, iterator)
+    start = start or 0
+    writer = MetricsWriter(output_dir, enabled=primary, tensorboard=cfg.tensorboard, resume_step=start)
+    tokens_per_step = data.batch_size * max_len
+    try:
+        _, result = train_loop(
+            state, train_step, iterator, batch_sharding,
+            Schedule(cfg.steps, cfg.log_every, cfg.eval_every, cfg.eval_every), start=start, writer=writer,
+            save=lambda s, record: checkpoints.save(s, iterator, config, {"seed": cfg.seed}, metrics=record),
+            evaluate=evaluate, tokens_per_step=tokens_per_step, flops_per_token=None, peak_flops=None,
+            progress=cfg.progress_bar, description=f"finetune {cfg.task}")
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+    best = checkpoints.best_step()
+    result.update(start_step=start, best_step=best, best_metric=f"eval_{best_metric}",
+                  best_checkpoint=str(output_dir / "checkpoints" / str(best)))
+    if cfg.export_hf and primary:
+        model = cls.from_pretrained(output_dir / "checkpoints" / str(best))
+        model.save_pretrained(output_dir / "hf", format="hf", force=True)
+        shutil.copyfile(tokenizer_path, output_dir / "hf" / "tokenizer.json")
+        result["export"] = str(output_dir / "hf")
+    return result

@@ -1,0 +1,37 @@
+"""Fine-tune an MRA head (sequence/token classification, question answering, multiple choice).
+
+    python scripts/finetune.py configs/finetune/CONFIG.yaml [key=value ...]     e.g. model=out/pretrain/checkpoints/150
+
+Started again on the same output_dir, it resumes from the latest complete checkpoint. The best checkpoint by the
+configured eval metric is kept and, with export_hf=true, written to output_dir/hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mra_jax.training.config import load_config
+from mra_jax.training.finetune import FinetuneConfig, NonFiniteError, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a YAML file under configs/finetune/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        result = run(load_config(FinetuneConfig, args.config, args.overrides))
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "eval" in result:
+        print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if k != "step"))
+    print(f"best checkpoint ({result['best_metric']}): {result['best_checkpoint']}")
+    if "export" in result:
+        print(f"HF export: {result['export']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
