@@ -62,6 +62,26 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def run_errors(cfg: Any, at_least_one: Sequence[str]) -> list[str]:
+    """Problems with the fields every run config has (``at_least_one``: counts that must be >= 1, ``dtype``,
+    ``attention``, ``remat``, ``optimizer``)."""
+    from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES
+
+    errors = [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in at_least_one
+              if getattr(cfg, name) < 1]
+    for name, allowed in (("dtype", DTYPES), ("attention", IMPLEMENTATIONS), ("remat", REMAT_POLICIES)):
+        if getattr(cfg, name) not in allowed:
+            errors.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    try:
+        cfg.optimizer.validate(cfg.steps)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
+
+
 def load_config(schema: type[T], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> T:
     """``schema`` filled from the YAML file ``path`` and ``key.sub=value`` overrides; `ValueError` on any unknown
     key, wrong type or malformed override."""

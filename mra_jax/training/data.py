@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import field
 
 import grain
@@ -65,6 +65,17 @@ class SpecialTokens:
 # --------------------------------------------------------------------------------------------------- documents
 
 
+def text_lines(path: pathlib.Path, name: str) -> Iterator[tuple[int, str]]:
+    """The non-empty, stripped lines of a UTF-8 file with their 1-based numbers; bad UTF-8 names the line."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{lineno}: invalid UTF-8: {e}") from None
+        if line:
+            yield lineno, line
+
+
 def read_documents(files: Sequence[str], text_field: str) -> list[str]:
     """Documents of .txt (one per non-empty line) and .jsonl files (``text_field`` of each record), in order.
 
@@ -80,13 +91,7 @@ def read_documents(files: Sequence[str], text_field: str) -> list[str]:
         if not path.is_file():
             raise ValueError(f"{name}: file not found")
         found = 0
-        for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{name}:{lineno}: invalid UTF-8: {e}") from None
-            if not line:
-                continue
+        for lineno, line in text_lines(path, name):
             if path.suffix == ".jsonl":
                 line = _jsonl_text(line, text_field, f"{name}:{lineno}")
                 if not line.strip():

@@ -31,16 +31,16 @@ from mra_jax.modeling import (
     MraForTokenClassification,
     MraPreTrainedModel,
 )
-from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES, RuntimeOptions
+from mra_jax.options import RuntimeOptions
 from mra_jax.training import runtime, task_metrics, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
-from mra_jax.training.config import DistributedConfig, MeshConfig, to_yaml
+from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.metrics import MetricsWriter
 from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+from mra_jax.training.pretrain import DTYPES
 from mra_jax.training.step import TrainState, init_state, make_train_step
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_CLASSES: dict[str, type[MraPreTrainedModel]] = {
     "sequence_classification": MraForSequenceClassification, "token_classification": MraForTokenClassification,
     "question_answering": MraForQuestionAnswering, "multiple_choice": MraForMultipleChoice}
@@ -75,26 +75,13 @@ class FinetuneConfig:
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    errors = []
+    errors = run_errors(cfg, ("steps", "log_every", "eval_every", "keep_checkpoints"))
     if cfg.task not in MODEL_CLASSES:
         errors.append(f"task must be one of {sorted(MODEL_CLASSES)}, got {cfg.task!r}")
-    for name in ("steps", "log_every", "eval_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            errors.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.dtype not in DTYPES:
-        errors.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.attention not in IMPLEMENTATIONS:
-        errors.append(f"attention must be one of {IMPLEMENTATIONS}, got {cfg.attention!r}")
-    if cfg.remat not in REMAT_POLICIES:
-        errors.append(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
     if cfg.best_mode not in (None, "max", "min"):
         errors.append(f"best_mode must be max or min, got {cfg.best_mode!r}")
     if not cfg.model or not os.path.isdir(cfg.model):
         errors.append(f"model {cfg.model!r} is not a checkpoint directory")
-    try:
-        cfg.optimizer.validate(cfg.steps)
-    except ValueError as e:
-        errors.append(str(e))
     if errors:
         raise ValueError("invalid fine-tuning config: " + "; ".join(errors))
 

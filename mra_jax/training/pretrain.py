@@ -23,11 +23,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling import MraForMaskedLM
-from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES, RuntimeOptions
+from mra_jax.options import RuntimeOptions
 from mra_jax.training import data as data_lib
 from mra_jax.training import runtime
 from mra_jax.training.checkpointing import TrainCheckpoints
-from mra_jax.training.config import PretrainConfig, to_yaml
+from mra_jax.training.config import PretrainConfig, run_errors, to_yaml
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.masking import MaskingSpec, mask_tokens
 from mra_jax.training.metrics import MetricsWriter, mlm_train_flops_per_token, peak_flops_per_device
@@ -40,26 +40,13 @@ __all__ = ["NonFiniteError", "Pretraining", "build_pretraining", "mlm_loss", "ml
 
 def validate(cfg: PretrainConfig) -> None:
     """Checks that need no data, model or devices."""
-    errors = []
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            errors.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    errors = run_errors(cfg, ("steps", "log_every", "checkpoint_every", "keep_checkpoints"))
     if cfg.eval_every < 0:
         errors.append(f"eval_every must be non-negative (0 = only at the end), got {cfg.eval_every}")
-    if cfg.dtype not in DTYPES:
-        errors.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.attention not in IMPLEMENTATIONS:
-        errors.append(f"attention must be one of {IMPLEMENTATIONS}, got {cfg.attention!r}")
-    if cfg.remat not in REMAT_POLICIES:
-        errors.append(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
     if not 0.0 < cfg.mlm_probability < 1.0:
         errors.append(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
     if not os.path.exists(cfg.model):
         errors.append(f"model {cfg.model} does not exist (a config.json or a checkpoint directory)")
-    try:
-        cfg.optimizer.validate(cfg.steps)
-    except ValueError as e:
-        errors.append(str(e))
     if errors:
         raise ValueError("invalid pretraining config: " + "; ".join(errors))
 

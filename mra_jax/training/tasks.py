@@ -36,6 +36,8 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
+from mra_jax.training.data import text_lines
+
 TASKS = ("sequence_classification", "token_classification", "question_answering", "multiple_choice")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -143,13 +145,7 @@ def _read_csv(p: pathlib.Path) -> list[dict]:
 
 def _read_jsonl(p: pathlib.Path) -> list[dict]:
     rows = []
-    for lineno, raw in enumerate(p.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: line {lineno}: invalid UTF-8: {e}") from None
-        if not line:
-            continue
+    for lineno, line in text_lines(p, str(p)):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
