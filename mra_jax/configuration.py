@@ -19,6 +19,18 @@ CONFIG_FILES = ("config.json", "model_config/metadata")
 """HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
 _APPROX_MODES = ("full", "sparse")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding an object; `ValueError` naming the file otherwise."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
@@ -179,14 +191,7 @@ class MraConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MraConfig:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MraConfig:

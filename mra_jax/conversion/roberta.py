@@ -7,7 +7,6 @@ an MRA model whose block budget covers every block pair computes what the RoBERT
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from mra_jax.atomic import atomic_directory
-from mra_jax.configuration import BLOCK_SIZE, POSITION_OFFSET, MraConfig
+from mra_jax.configuration import BLOCK_SIZE, POSITION_OFFSET, MraConfig, read_json_object
 from mra_jax.conversion.hf_files import SAFETENSORS_FILE, open_hf_weights
 from mra_jax.conversion.hf_names import BASE_PREFIX, LM_BIAS, hf_name
 
@@ -48,14 +47,7 @@ def _read_config(hf_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{hf_dir} is not a directory")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {hf_dir}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def _check_roberta_config(data: dict[str, Any], path: str) -> None:

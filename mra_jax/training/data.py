@@ -277,6 +277,11 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarr
 def _check_sharding(sequences: np.ndarray, batch_size: int, process_index: int, process_count: int) -> int:
     if np.ndim(sequences) != 2:
         raise ValueError(f"sequences must be a 2-D [N, seq_len] array, got shape {np.shape(sequences)}")
+    return local_batch_size(batch_size, process_index, process_count)
+
+
+def local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+    """This process's rows of a global batch; `ValueError` if the batch does not split over the processes."""
     if batch_size <= 0 or process_count <= 0:
         raise ValueError(f"batch_size={batch_size} and process_count={process_count} must be positive")
     if batch_size % process_count:

@@ -69,7 +69,7 @@ def mlm_loss(model: MraForMaskedLM, batch: Mapping[str, jax.Array], key: jax.Arr
     return sums["loss_sum"], sums
 
 
-def _model_config(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tuple[MraConfig, bool]:
+def model_config_for(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tuple[MraConfig, bool]:
     """The model config and whether the model starts from a checkpoint."""
     if os.path.isdir(cfg.model):
         config = MraConfig.from_pretrained(cfg.model)
@@ -153,7 +153,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     tokenizer = _tokenizer(cfg, output_dir)
     special = data_lib.special_tokens(tokenizer)
-    config, from_checkpoint = _model_config(cfg, special)
+    config, from_checkpoint = model_config_for(cfg, special)
     job = build_pretraining(cfg, config, mesh, special)  # refuses what the mesh cannot split, before any work
     train_seqs, eval_seqs = data_lib.prepare(cfg.data, tokenizer)
     if primary:

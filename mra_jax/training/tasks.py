@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from mra_jax.training.data import text_lines
+from mra_jax.training.data import local_batch_size, text_lines
 
 TASKS = ("sequence_classification", "token_classification", "question_answering", "multiple_choice")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -611,13 +611,7 @@ def collate(features: list[dict], pad_id: int, bucket: int, max_len: int) -> dic
 def _check_sharding(encoded: Encoded, batch_size: int, process_index: int, process_count: int) -> int:
     if not encoded.features:
         raise ValueError("no features to batch")
-    if batch_size <= 0 or process_count <= 0:
-        raise ValueError(f"batch_size={batch_size} and process_count={process_count} must be positive")
-    if batch_size % process_count:
-        raise ValueError(f"global batch_size={batch_size} is not divisible by process_count={process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
-    return batch_size // process_count
+    return local_batch_size(batch_size, process_index, process_count)
 
 
 def _global_batch(idx: np.ndarray, *, features: list[dict], lengths: np.ndarray, pad_id: int, bucket: int,
