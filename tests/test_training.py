@@ -120,9 +120,12 @@ def test_sharded_step_equals_single_device_step(sizes, rules, single_device):
                                  jax.tree.leaves(ref_grads), strict=True):
         # Relative to the leaf, or to the largest gradient for leaves that are ~0 (key biases: softmax-invariant).
         assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-3 * scale), path
-    new_state, metrics = train(state, batch)
-    assert abs(float(metrics["loss"]) - ref_step_loss) <= 1e-6 * ref_step_loss
-    # Every parameter and optimizer-state leaf is placed as the rule set says.
+    if rules == "fsdp_tp":  # the whole jitted step too (one compile is enough for the suite's time)
+        new_state, metrics = train(state, batch)
+        assert abs(float(metrics["loss"]) - ref_step_loss) <= 1e-6 * ref_step_loss
+    else:
+        new_state = state
+    # Every parameter and optimizer-state leaf is placed as the rule set says (and stays so after a step).
     specs = {step_lib.key_path(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(new_state.params)}
     expected_embed = {"dp": None, "fsdp": "fsdp", "fsdp_tp": "fsdp"}[rules]
     query = specs[("mra", "encoder", "layer", 0, "attention", "self", "query", "kernel")]
@@ -225,7 +228,8 @@ def test_remat_policies_give_the_same_gradients():
     batch = mlm_masking(SPEC)(_batch(2), jax.random.key(0))
     results = []
     for remat in ("none", "full", "dots"):
-        model = mra_jax.MraForMaskedLM(CONFIG, rngs=nnx.Rngs(0), options=RuntimeOptions(remat=remat))
+        model = mra_jax.MraForMaskedLM(dataclasses.replace(CONFIG, num_hidden_layers=1), rngs=nnx.Rngs(0),
+                                       options=RuntimeOptions(remat=remat))
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p, graphdef=graphdef):
