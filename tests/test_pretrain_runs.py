@@ -83,7 +83,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference, tmp_
         while time.time() < deadline and process.poll() is None:
             checkpoints = out / "checkpoints"
             names = [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
-            logged = max(_losses(out), default=0) if (out / "metrics.jsonl").is_file() else 0
+            try:
+                logged = max(_losses(out), default=0) if (out / "metrics.jsonl").is_file() else 0
+            except json.JSONDecodeError:  # a line being written right now
+                logged = 0
             if any(n.startswith("20.") for n in names) or logged >= 23:
                 break
             time.sleep(0.005)
