@@ -33,12 +33,19 @@ def _command(out: pathlib.Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *ARGS, f"output_dir={out}", *extra]
 
 
-def _records(out: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _records(out: pathlib.Path, partial_last_line: bool = False) -> list[dict]:
+    """The logged records; ``partial_last_line``: a killed writer may have left its last line cut."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    if partial_last_line and lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines = lines[:-1]
+    return [json.loads(line) for line in lines]
 
 
-def _losses(out: pathlib.Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+def _losses(out: pathlib.Path, partial_last_line: bool = False) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(out, partial_last_line) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +90,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference, tmp_
         while time.time() < deadline and process.poll() is None:
             checkpoints = out / "checkpoints"
             names = [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
-            try:
-                logged = max(_losses(out), default=0) if (out / "metrics.jsonl").is_file() else 0
-            except json.JSONDecodeError:  # a line being written right now
-                logged = 0
+            metrics = out / "metrics.jsonl"
+            logged = max(_losses(out, partial_last_line=True), default=0) if metrics.is_file() else 0
             if any(n.startswith("20.") for n in names) or logged >= 23:
                 break
             time.sleep(0.005)
@@ -94,7 +99,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference, tmp_
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = max(_losses(out))
+    killed_at = max(_losses(out, partial_last_line=True))
     assert killed_at < STEPS
     done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
