@@ -236,8 +236,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         for local in eval_local:
             out = eval_step(state.params, runtime.global_batch(local, batch_sharding))
             out = multihost_utils.process_allgather(out, tiled=True)
-            keep = np.asarray(multihost_utils.process_allgather(
-                runtime.global_batch({"w": local["weight"]}, batch_sharding)["w"], tiled=True)) > 0
+            keep = np.asarray(multihost_utils.process_allgather(local["weight"], tiled=True)) > 0
             loss_sum += float(out["loss_sum"])
             weight += float(out["weight"])
             for k, v in out["outputs"].items():

@@ -91,7 +91,7 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and value is not None:
+                if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
