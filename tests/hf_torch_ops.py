@@ -85,3 +85,10 @@ def selected_set_mask(get_block_idxes):
         return indices, mask
 
     return wrapped
+
+
+def run_hf_mra_on_cpu(monkeypatch, modeling_mra) -> None:
+    """Make transformers' ``modeling_mra`` run on the CPU with these pure-torch ops and CUDA's selection rules."""
+    monkeypatch.setattr(modeling_mra, "mra_cuda_kernel", KERNEL)
+    monkeypatch.setattr(modeling_mra, "torch", StableTopkTorch())
+    monkeypatch.setattr(modeling_mra, "get_block_idxes", selected_set_mask(modeling_mra.get_block_idxes))

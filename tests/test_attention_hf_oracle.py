@@ -13,15 +13,13 @@ from mra_jax import mra_attention
 
 torch = pytest.importorskip("torch")
 modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
-from hf_torch_ops import KERNEL, StableTopkTorch, selected_set_mask  # noqa: E402
+from hf_torch_ops import run_hf_mra_on_cpu  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _hf_on_cpu(monkeypatch):
     """HF's code with the CUDA ops in pure torch, CUDA's top-k tie rule, and the tie fix described in mra.py."""
-    monkeypatch.setattr(modeling_mra, "mra_cuda_kernel", KERNEL)
-    monkeypatch.setattr(modeling_mra, "torch", StableTopkTorch())
-    monkeypatch.setattr(modeling_mra, "get_block_idxes", selected_set_mask(modeling_mra.get_block_idxes))
+    run_hf_mra_on_cpu(monkeypatch, modeling_mra)
 
 
 def hf_attention(q, k, v, mask, cotangent, **kwargs):

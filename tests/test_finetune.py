@@ -1,5 +1,7 @@
-"""scripts/finetune.py on a small synthetic task: a fresh tiny encoder learns it clearly above chance, the best
-checkpoint is kept and the HF export loads."""
+"""Fine-tuning on small synthetic tasks, one per head: a fresh tiny encoder learns each clearly above chance, the
+best checkpoint is kept, the HF export loads into transformers with the same logits, `predict` reproduces the
+best eval (also from rows without labels), and a run restarted from a checkpoint ends exactly where the
+uninterrupted run did."""
 
 from __future__ import annotations
 
@@ -63,3 +65,141 @@ def test_sequence_classification_learns_and_exports(base_model, tmp_path):
     assert model.config.id2label == {0: "no", 1: "yes"}
     assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
     np.testing.assert_array_equal(np.asarray(model.classifier.out_proj.kernel[...]).shape, (64, 2))
+
+
+COLORS = {"red", "blue", "green"}
+
+
+def _token_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 16))]
+        tags = ["B-ANIMAL" if w == "zebra" else "B-COLOR" if w in COLORS else "O" for w in words]
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def _qa_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS[:-1]) for _ in range(rng.randint(6, 20))]
+        k = rng.randrange(len(words))
+        words[k] = "zebra"
+        context = " ".join(words)
+        start = len(" ".join(words[:k])) + (1 if k else 0)
+        rows.append({"id": f"q{i}", "question": "which animal", "context": context,
+                     "answers": {"text": ["zebra"], "answer_start": [start]}})
+    return rows
+
+
+def _choice_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        choices = [" ".join(rng.choice(WORDS[:-1]) for _ in range(rng.randint(2, 5))) for _ in range(4)]
+        label = rng.randrange(4)
+        choices[label] += " zebra"
+        rows.append({"text": "which one ends with the animal", "choices": choices, "label": label})
+    return rows
+
+
+TASKS = {  # rows, metric, threshold (chance is far below), HF class
+    "token_classification": (_token_rows, "f1", 0.8, "MraForTokenClassification"),
+    "question_answering": (_qa_rows, "exact_match", 0.6, "MraForQuestionAnswering"),
+    "multiple_choice": (_choice_rows, "accuracy", 0.7, "MraForMultipleChoice"),
+}
+LABEL_FIELDS = {"token_classification": "tags", "question_answering": "answers", "multiple_choice": "label"}
+
+
+def _finetune_overrides(task, base_model, out, train, evaluation, steps=60) -> list[str]:
+    return [f"task={task}", f"model={base_model}", f"output_dir={out}", f"steps={steps}", "eval_every=20",
+            "log_every=20", "keep_checkpoints=3", "progress_bar=false", "tensorboard=false",
+            f"data.train_file={train}", f"data.eval_file={evaluation}", "data.max_seq_len=64", "data.bucket=64",
+            "data.batch_size=16", "data.eval_batch_size=16", "data.doc_stride=16",
+            "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=6"]
+
+
+def _hf_logits(hf_cls_name: str, hf_dir, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = getattr(transformers, hf_cls_name).from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                 attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long))
+    return {k: getattr(out, k).numpy() for k in ("logits", "start_logits", "end_logits")
+            if getattr(out, k, None) is not None}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_path, monkeypatch):
+    from hf_torch_ops import run_hf_mra_on_cpu
+    from tokenizers import Tokenizer
+
+    from mra_jax.training import predict as predict_lib
+    from mra_jax.training import tasks
+
+    make_rows, metric, threshold, hf_name = TASKS[task]
+    train = _write(tmp_path / "train.jsonl", make_rows(400, 0))
+    evaluation = _write(tmp_path / "eval.jsonl", make_rows(48, 1))
+    cfg = load_config(FinetuneConfig, None, _finetune_overrides(task, base_model, tmp_path / "run", train,
+                                                                 evaluation))
+    result = run(cfg)
+    assert result["eval"][f"eval_{metric}"] > threshold, result["eval"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_loss" in r}
+    best_metric = {"token_classification": "eval_f1", "question_answering": "eval_f1",
+                   "multiple_choice": "eval_accuracy"}[task]
+    assert evals[result["best_step"]][best_metric] == max(r[best_metric] for r in evals.values())
+
+    # The export: transformers' own class, the same logits as mra-jax on a padded eval batch.
+    hf_dir = tmp_path / "run" / "hf"
+    modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
+    run_hf_mra_on_cpu(monkeypatch, modeling_mra)
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    encoded = tasks.load_splits(task, cfg.data, tok)["eval"]
+    batch = tasks.eval_batches(encoded, 4, tasks.pad_token_id(tok), 64, 64)[0]
+    ours = getattr(mra_jax, hf_name).from_pretrained(hf_dir)(batch["input_ids"],
+                                                           attention_mask=batch["attention_mask"])
+    for name, want in _hf_logits(hf_name, hf_dir, batch).items():
+        np.testing.assert_allclose(np.asarray(getattr(ours, name)), want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+    # predict: the best checkpoint's eval metrics again, and the same predictions without the label field.
+    predictions, metrics = predict_lib.predict(hf_dir, evaluation, data=cfg.data, batch_size=16)
+    for k, v in metrics.items():
+        assert v == pytest.approx(evals[result["best_step"]][f"eval_{k}"], abs=1e-6), k
+    unlabeled = [{k: v for k, v in r.items() if k != LABEL_FIELDS[task]} for r in make_rows(48, 1)]
+    again, none = predict_lib.predict(hf_dir, _write(tmp_path / "nolabels.jsonl", unlabeled), data=cfg.data,
+                                      batch_size=16)
+    assert none is None and again == predictions
+    assert len(predictions) == 48
+
+
+def test_restart_from_a_checkpoint_ends_where_the_uninterrupted_run_did(base_model, tmp_path):
+    """Steps 21-40 after a restart from the step-20 checkpoint (the later ones removed, as if the process died
+    before writing them) are the uninterrupted run's: same eval records, bitwise the same exported weights."""
+    train = _write(tmp_path / "train.jsonl", _rows(256, 0))
+    evaluation = _write(tmp_path / "eval.jsonl", _rows(32, 1))
+    args = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, evaluation,
+                               steps=40)
+    first = run(load_config(FinetuneConfig, None, args))
+    run_dir = tmp_path / "run"
+    reference = {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "40")
+    shutil.rmtree(run_dir / "hf")
+    second = run(load_config(FinetuneConfig, None, args))
+    assert second["start_step"] == 20
+    assert second["eval"] == first["eval"]
+    again = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    key = lambda r: (r["step"], "eval_loss" in r)  # noqa: E731
+    by_step = {key(r): r for r in again}
+    for r in records:
+        if r["step"] > 20:
+            assert {k: v for k, v in by_step[key(r)].items() if k not in ("tokens_per_second", "mfu")} == \
+                {k: v for k, v in r.items() if k not in ("tokens_per_second", "mfu")}
+    assert second["best_step"] == first["best_step"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()} == reference

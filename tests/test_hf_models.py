@@ -10,7 +10,7 @@ import mra_jax
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
-from hf_torch_ops import KERNEL, StableTopkTorch, selected_set_mask  # noqa: E402
+from hf_torch_ops import run_hf_mra_on_cpu  # noqa: E402
 
 PAIRS = [
     ("MraModel", mra_jax.MraModel),
@@ -25,9 +25,7 @@ SEQ = 256
 
 @pytest.fixture(autouse=True)
 def _hf_on_cpu(monkeypatch):
-    monkeypatch.setattr(modeling_mra, "mra_cuda_kernel", KERNEL)
-    monkeypatch.setattr(modeling_mra, "torch", StableTopkTorch())
-    monkeypatch.setattr(modeling_mra, "get_block_idxes", selected_set_mask(modeling_mra.get_block_idxes))
+    run_hf_mra_on_cpu(monkeypatch, modeling_mra)
 
 
 def _hf_config(**overrides):

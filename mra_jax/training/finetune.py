@@ -16,10 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from mra_jax.configuration import MraConfig
@@ -32,12 +30,13 @@ from mra_jax.modeling import (
     MraPreTrainedModel,
 )
 from mra_jax.options import RuntimeOptions
-from mra_jax.training import runtime, task_metrics, tasks
+from mra_jax.training import runtime, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.metrics import MetricsWriter
 from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+from mra_jax.training.predict import collect_outputs, compute_metrics, find_model_tokenizer
 from mra_jax.training.pretrain import DTYPES
 from mra_jax.training.step import TrainState, init_state, make_train_step
 
@@ -86,15 +85,10 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ValueError("invalid fine-tuning config: " + "; ".join(errors))
 
 
-def find_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
+def find_tokenizer(cfg: FinetuneConfig) -> tuple[Tokenizer, pathlib.Path]:
     """``cfg.tokenizer``, else ``tokenizer.json`` in the model directory or in the pretraining run it comes from."""
-    model = pathlib.Path(cfg.model)
-    candidates = [pathlib.Path(cfg.tokenizer)] if cfg.tokenizer else [model / "tokenizer.json",
-                                                                      model.parent.parent / "tokenizer.json"]
-    for path in candidates:
-        if path.is_file():
-            return Tokenizer.from_file(str(path)), path
-    raise ValueError(f"no tokenizer: looked for {', '.join(map(str, candidates))}; set tokenizer=PATH")
+    path = find_model_tokenizer(pathlib.Path(cfg.model), cfg.tokenizer)
+    return Tokenizer.from_file(str(path)), path
 
 
 # ----------------------------------------------------------------------------------------------- losses per task
@@ -149,22 +143,6 @@ def task_loss(task: str, problem_type: str | None):
         return loss_sum, sums
 
     return loss_fn, train_loss
-
-
-def compute_metrics(task: str, encoded: tasks.Encoded, outputs: dict[str, list[np.ndarray]]) -> dict[str, float]:
-    """Task metrics from the eval outputs of the real rows (in feature order)."""
-    if task == "sequence_classification":
-        labels = np.stack([f["labels"] for f in encoded.features])
-        return task_metrics.sequence_classification_metrics(np.concatenate(outputs["logits"]), labels,
-                                                            encoded.problem_type)
-    if task == "multiple_choice":
-        return task_metrics.multiple_choice_metrics(np.concatenate(outputs["logits"]),
-                                                    [int(f["labels"]) for f in encoded.features])
-    if task == "token_classification":
-        return task_metrics.token_classification_metrics([r for b in outputs["logits"] for r in b], encoded)
-    predictions = task_metrics.question_answering_predictions([r for b in outputs["start_logits"] for r in b],
-                                                              [r for b in outputs["end_logits"] for r in b], encoded)
-    return task_metrics.question_answering_metrics(predictions, encoded)
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -231,16 +209,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                                     jax.process_index(), jax.process_count())
 
     def evaluate(state: TrainState, step: int) -> dict[str, Any]:
-        outputs: dict[str, list[np.ndarray]] = {}
-        loss_sum = weight = 0.0
-        for local in eval_local:
-            out = eval_step(state.params, runtime.global_batch(local, batch_sharding))
-            out = multihost_utils.process_allgather(out, tiled=True)
-            keep = np.asarray(multihost_utils.process_allgather(local["weight"], tiled=True)) > 0
-            loss_sum += float(out["loss_sum"])
-            weight += float(out["weight"])
-            for k, v in out["outputs"].items():
-                outputs.setdefault(k, []).append(np.asarray(v)[keep])
+        outputs, loss_sum, weight = collect_outputs(
+            lambda local: eval_step(state.params, runtime.global_batch(local, batch_sharding)), eval_local)
         metrics = compute_metrics(cfg.task, evaluation, outputs)
         return {"step": step, "eval_loss": loss_sum / max(weight, 1.0),
                 **{f"eval_{k}": float(v) for k, v in metrics.items()}}
