@@ -120,11 +120,29 @@ def find_model_tokenizer(model_dir: pathlib.Path, tokenizer: str | None = None) 
     raise ValueError(f"no tokenizer: looked for {', '.join(map(str, candidates))}; pass a tokenizer.json")
 
 
+def run_data_config(model_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tasks.TaskDataConfig:
+    """The data section of the fine-tuning run that wrote ``model_dir`` (its ``config.yaml`` one or two levels up:
+    field names, ``max_seq_len``, ``bucket``), else the defaults; with ``key=value`` overrides."""
+    from omegaconf import OmegaConf
+
+    from mra_jax.training.config import load_config
+
+    model_dir = pathlib.Path(model_dir)
+    for run_config in (model_dir.parent / "config.yaml", model_dir.parent.parent / "config.yaml"):
+        if run_config.is_file():
+            section = OmegaConf.load(run_config).get("data")
+            if section is not None:
+                base = [f"{k}={json.dumps(v)}" for k, v in OmegaConf.to_container(section).items() if v is not None
+                        and not isinstance(v, list | dict)]
+                return load_config(tasks.TaskDataConfig, None, [*base, *overrides])
+    return load_config(tasks.TaskDataConfig, None, list(overrides))
+
+
 def predict(model_dir: str | os.PathLike, file: str | os.PathLike, *, data: tasks.TaskDataConfig | None = None,
             tokenizer: str | None = None, batch_size: int = 8, attention: str | None = None,
             ) -> tuple[list[dict], dict[str, float] | None]:
     """Predictions for every row of ``file`` (CSV, JSONL or Parquet; field names from ``data``), and the task
-    metrics if the rows carry labels (else None)."""
+    metrics if the rows carry labels (else None). ``data`` None: the fine-tuning run's (`run_data_config`)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -139,7 +157,7 @@ def predict(model_dir: str | os.PathLike, file: str | os.PathLike, *, data: task
         raise ValueError(f"{model_dir}: architecture {architecture!r} is not a fine-tuned head "
                          f"({', '.join(ARCHITECTURE_TASKS)})")
     task = ARCHITECTURE_TASKS[architecture]
-    data = data or tasks.TaskDataConfig()
+    data = data or run_data_config(model_dir)
     names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
     problem_type = (config.problem_type or "single_label_classification") if task == "sequence_classification" \
         else None
