@@ -6,6 +6,8 @@ in NNX layout (Linear kernels ``[in, out]``), independent of any mesh: restore t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -60,6 +62,24 @@ def save_params(directory: str | os.PathLike, params: dict[Path, jax.Array | np.
         checkpointer.save(pathlib.Path(directory).absolute() / PARAMS_DIR, args=ocp.args.PyTreeSave(_nest(params)))
 
 
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns that ``_CHECKPOINT_METADATA`` is missing when it reads one item of a `CheckpointManager` step
+    (a training checkpoint's ``params``): that file lives a level up, and nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata() -> Iterator[None]:
+    logger, quiet = logging.getLogger("absl"), _NoItemMetadataWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class OrbaxSource:
     """The parameters of an Orbax checkpoint seen as HF-named tensors (see `mra_jax.conversion.loading`)."""
 
@@ -68,7 +88,8 @@ class OrbaxSource:
         self.description = str(directory)
         self.architecture = architecture
         try:
-            metadata = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
+            with _quiet_item_metadata():
+                metadata = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
         except Exception as e:
             raise ValueError(f"cannot read Orbax checkpoint {self.directory}: {e}") from e
         self.paths = {hf_name(path): path for path in _flatten(dict(metadata))}
@@ -83,9 +104,10 @@ class OrbaxSource:
                                                                       sharding=target.sharding or default)
                               for name, _, target in requests})
         try:
-            restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-                self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                            partial_restore=True))
+            with _quiet_item_metadata():
+                restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                    self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                partial_restore=True))
         except Exception as e:
             raise ValueError(f"cannot restore Orbax checkpoint {self.directory}: {e}") from e
         flat = _flatten(restored)

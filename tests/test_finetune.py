@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def base_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     tokenizer = load_or_train_tokenizer(DataConfig(vocab_size=300), [r["text"] for r in _rows(400, 9)])
     vocab = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-    config = mra_jax.MraConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    config = mra_jax.MraConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0)
     mra_jax.MraForMaskedLM(config, rngs=nnx.Rngs(0)).save_pretrained(out / "model")
     tokenizer.save(str(out / "model" / "tokenizer.json"))
@@ -49,22 +50,44 @@ def _write(path, rows) -> str:
     return str(path)
 
 
-def test_sequence_classification_learns_and_exports(base_model, tmp_path):
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sequence_classification_learns_exports_and_resumes(base_model, tmp_path, monkeypatch):
+    """Also: steps 41-80 after a restart from the step-40 checkpoint (the later one removed, as if the process died
+    before writing it) are the uninterrupted run's: same records, bitwise the same exported weights."""
     overrides = [f"model={base_model}", f"output_dir={tmp_path / 'run'}", "steps=80", "eval_every=40",
                  "log_every=20", "progress_bar=false", "tensorboard=false", "mesh.data=4", "mesh.fsdp=2",
+                 "keep_checkpoints=3",
                  f"data.train_file={_write(tmp_path / 'train.jsonl', _rows(512, 0))}",
                  f"data.eval_file={_write(tmp_path / 'eval.jsonl', _rows(64, 1))}",
                  "data.max_seq_len=64", "data.batch_size=16", "data.eval_batch_size=16",
                  "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=8"]
-    result = run(load_config(FinetuneConfig, None, ["task=sequence_classification", *overrides]))
+    cfg = load_config(FinetuneConfig, None, ["task=sequence_classification", *overrides])
+    result = run(cfg)
+    run_dir = tmp_path / "run"
     assert result["eval"]["eval_accuracy"] > 0.8, result["eval"]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = _records(run_dir)
     evals = {r["step"]: r["eval_accuracy"] for r in records if "eval_accuracy" in r}
     assert evals[result["best_step"]] == max(evals.values())
-    model = mra_jax.MraForSequenceClassification.from_pretrained(tmp_path / "run" / "hf")
+    model = mra_jax.MraForSequenceClassification.from_pretrained(run_dir / "hf")
     assert model.config.id2label == {0: "no", 1: "yes"}
-    assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
+    assert (run_dir / "hf" / "tokenizer.json").is_file()
     np.testing.assert_array_equal(np.asarray(model.classifier.out_proj.kernel[...]).shape, (64, 2))
+    _assert_transformers_agrees("sequence_classification", "MraForSequenceClassification", run_dir / "hf",
+                                cfg.data, monkeypatch)
+
+    exported = {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()}
+    shutil.rmtree(run_dir / "checkpoints" / "80")
+    shutil.rmtree(run_dir / "hf")
+    again = run(cfg)
+    assert again["start_step"] == 40 and again["eval"] == result["eval"]
+    assert again["best_step"] == result["best_step"]
+    timing = ("tokens_per_second", "mfu")
+    strip = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
+    assert [strip(r) for r in _records(run_dir)] == [strip(r) for r in records]
+    assert {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()} == exported
 
 
 COLORS = {"red", "blue", "green"}
@@ -132,13 +155,31 @@ def _hf_logits(hf_cls_name: str, hf_dir, batch: dict[str, np.ndarray]) -> dict[s
             if getattr(out, k, None) is not None}
 
 
-@pytest.mark.parametrize("task", list(TASKS))
-def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_path, monkeypatch):
+def _assert_transformers_agrees(task, hf_name, hf_dir, data, monkeypatch) -> None:
+    """The export loads into transformers' own class and gives mra-jax's logits on eval rows with padding."""
     from hf_torch_ops import run_hf_mra_on_cpu
     from tokenizers import Tokenizer
 
-    from mra_jax.training import predict as predict_lib
     from mra_jax.training import tasks
+
+    modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
+    run_hf_mra_on_cpu(monkeypatch, modeling_mra)
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    encoded = tasks.load_splits(task, data, tok)["eval"]
+    # One row per batch, padded to the 128 positions HF's block budget needs. HF mixes up the masks of rows that
+    # differ when batch > 1, so the choices of a multiple-choice row (HF's batch) are compared unmasked.
+    ours_model = getattr(mra_jax, hf_name).from_pretrained(hf_dir)
+    for batch in tasks.eval_batches(encoded, 1, tasks.pad_token_id(tok), 128, 128)[:2]:
+        if task == "multiple_choice":
+            batch["attention_mask"] = np.ones_like(batch["attention_mask"])
+        ours = ours_model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        for name, want in _hf_logits(hf_name, hf_dir, batch).items():
+            np.testing.assert_allclose(np.asarray(getattr(ours, name)), want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_path, monkeypatch):
+    from mra_jax.training import predict as predict_lib
 
     make_rows, metric, threshold, hf_name = TASKS[task]
     train = _write(tmp_path / "train.jsonl", make_rows(400, 0))
@@ -153,57 +194,15 @@ def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_
                    "multiple_choice": "eval_accuracy"}[task]
     assert evals[result["best_step"]][best_metric] == max(r[best_metric] for r in evals.values())
 
-    # The export: transformers' own class, the same logits as mra-jax on a padded eval batch.
     hf_dir = tmp_path / "run" / "hf"
-    modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
-    run_hf_mra_on_cpu(monkeypatch, modeling_mra)
-    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    encoded = tasks.load_splits(task, cfg.data, tok)["eval"]
-    # One row per batch, padded to the 128 positions HF's block budget needs. HF mixes up the masks of rows that
-    # differ when batch > 1, so the choices of a multiple-choice row (HF's batch) are compared unmasked.
-    ours_model = getattr(mra_jax, hf_name).from_pretrained(hf_dir)
-    for batch in tasks.eval_batches(encoded, 1, tasks.pad_token_id(tok), 128, 128)[:2]:
-        if task == "multiple_choice":
-            batch["attention_mask"] = np.ones_like(batch["attention_mask"])
-        ours = ours_model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        for name, want in _hf_logits(hf_name, hf_dir, batch).items():
-            np.testing.assert_allclose(np.asarray(getattr(ours, name)), want, rtol=1e-4, atol=1e-4, err_msg=name)
+    _assert_transformers_agrees(task, hf_name, hf_dir, cfg.data, monkeypatch)
 
     # predict: the best checkpoint's eval metrics again, and the same predictions without the label field.
-    predictions, metrics = predict_lib.predict(hf_dir, evaluation, data=cfg.data, batch_size=16)
+    predictor = predict_lib.Predictor(hf_dir, batch_size=16)  # the run's data settings, from its config.yaml
+    predictions, metrics = predictor(evaluation)
     for k, v in metrics.items():
         assert v == pytest.approx(evals[result["best_step"]][f"eval_{k}"], abs=1e-6), k
     unlabeled = [{k: v for k, v in r.items() if k != LABEL_FIELDS[task]} for r in make_rows(48, 1)]
-    again, none = predict_lib.predict(hf_dir, _write(tmp_path / "nolabels.jsonl", unlabeled), data=cfg.data,
-                                      batch_size=16)
+    again, none = predictor(_write(tmp_path / "nolabels.jsonl", unlabeled))
     assert none is None and again == predictions
     assert len(predictions) == 48
-
-
-def test_restart_from_a_checkpoint_ends_where_the_uninterrupted_run_did(base_model, tmp_path):
-    """Steps 21-40 after a restart from the step-20 checkpoint (the later ones removed, as if the process died
-    before writing them) are the uninterrupted run's: same eval records, bitwise the same exported weights."""
-    train = _write(tmp_path / "train.jsonl", _rows(256, 0))
-    evaluation = _write(tmp_path / "eval.jsonl", _rows(32, 1))
-    args = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, evaluation,
-                               steps=40)
-    first = run(load_config(FinetuneConfig, None, args))
-    run_dir = tmp_path / "run"
-    reference = {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    import shutil
-
-    shutil.rmtree(run_dir / "checkpoints" / "40")
-    shutil.rmtree(run_dir / "hf")
-    second = run(load_config(FinetuneConfig, None, args))
-    assert second["start_step"] == 20
-    assert second["eval"] == first["eval"]
-    again = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    key = lambda r: (r["step"], "eval_loss" in r)  # noqa: E731
-    by_step = {key(r): r for r in again}
-    for r in records:
-        if r["step"] > 20:
-            assert {k: v for k, v in by_step[key(r)].items() if k not in ("tokens_per_second", "mfu")} == \
-                {k: v for k, v in r.items() if k not in ("tokens_per_second", "mfu")}
-    assert second["best_step"] == first["best_step"]
-    assert {p.name: p.read_bytes() for p in (run_dir / "hf").iterdir()} == reference

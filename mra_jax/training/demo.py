@@ -95,13 +95,20 @@ def make_listops(cfg: ListOpsConfig, out: pathlib.Path) -> dict[str, pathlib.Pat
     return paths
 
 
+def _in_checkout(path: str) -> str:
+    """``path`` as given if it exists (relative to the working directory), else relative to the checkout this
+    package lives in (the bundled configs and corpus), so that the demo runs from any directory."""
+    candidate = pathlib.Path(__file__).resolve().parents[2] / path
+    return path if os.path.exists(path) or not candidate.exists() else str(candidate)
+
+
 def _labels(path: pathlib.Path) -> list[int]:
     with open(path) as f:
         return [int(json.loads(line)["label"]) for line in f]
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the four stages; returns the summary (also written to ``output_dir/summary.json``)."""
+    """Run the five stages; returns the summary (also written to ``output_dir/summary.json``)."""
     from mra_jax.training.predict import predict, write_predictions
 
     out = pathlib.Path(cfg.output_dir).absolute()
@@ -112,8 +119,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     times["listops_s"] = time.perf_counter() - t0
 
     _say("== 2/5 pretrain a tiny MRA masked LM (bundled corpus + unlabeled ListOps)")
-    pre = dataclasses.replace(cfg.pretrain, output_dir=str(out / "pretrain"), data=dataclasses.replace(
-        cfg.pretrain.data, train_files=[*cfg.pretrain.data.train_files, str(paths["unlabeled"])]))
+    files = [*(_in_checkout(f) for f in cfg.pretrain.data.train_files), str(paths["unlabeled"])]
+    pre = dataclasses.replace(cfg.pretrain, output_dir=str(out / "pretrain"), model=_in_checkout(cfg.pretrain.model),
+                              data=dataclasses.replace(cfg.pretrain.data, train_files=files))
     t = time.perf_counter()
     pre_result = pretrain.run(pre)
     times["pretrain_s"] = time.perf_counter() - t

@@ -25,7 +25,7 @@ ARCHITECTURE_TASKS = {"MraForSequenceClassification": "sequence_classification",
                       "MraForTokenClassification": "token_classification",
                       "MraForQuestionAnswering": "question_answering",
                       "MraForMultipleChoice": "multiple_choice"}
-__all__ = ["collect_outputs", "compute_metrics", "predict", "row_predictions"]
+__all__ = ["Predictor", "collect_outputs", "compute_metrics", "predict", "row_predictions", "run_data_config"]
 
 
 def collect_outputs(step: Callable[[dict], Mapping[str, Any]], batches: Iterable[dict],
@@ -138,49 +138,68 @@ def run_data_config(model_dir: str | os.PathLike, overrides: list[str] | tuple[s
     return load_config(tasks.TaskDataConfig, None, list(overrides))
 
 
-def predict(model_dir: str | os.PathLike, file: str | os.PathLike, *, data: tasks.TaskDataConfig | None = None,
-            tokenizer: str | None = None, batch_size: int = 8, attention: str | None = None,
+class Predictor:
+    """A fine-tuned model loaded once (and its step compiled once per batch shape) for `predict` on many files.
+
+    ``data`` None: the fine-tuning run's data settings (`run_data_config`)."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, data: tasks.TaskDataConfig | None = None,
+                 tokenizer: str | None = None, batch_size: int = 8, attention: str | None = None):
+        from flax import nnx
+
+        from mra_jax.configuration import MraConfig
+        from mra_jax.options import RuntimeOptions
+        from mra_jax.training.finetune import MODEL_CLASSES, task_loss
+
+        self.model_dir = pathlib.Path(model_dir)
+        config = MraConfig.from_pretrained(self.model_dir)
+        architecture = (config.extra.get("architectures") or [None])[0]
+        if architecture not in ARCHITECTURE_TASKS:
+            raise ValueError(f"{self.model_dir}: architecture {architecture!r} is not a fine-tuned head "
+                             f"({', '.join(ARCHITECTURE_TASKS)})")
+        self.task = task = ARCHITECTURE_TASKS[architecture]
+        self.data = data or run_data_config(self.model_dir)
+        self.batch_size = batch_size
+        self.names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+        self.problem_type = (config.problem_type or "single_label_classification") \
+            if task == "sequence_classification" else None
+        self.tokenizer = Tokenizer.from_file(str(find_model_tokenizer(self.model_dir, tokenizer)))
+        model = MODEL_CLASSES[task].from_pretrained(self.model_dir, options=RuntimeOptions(implementation=attention))
+        graphdef, self.params = nnx.split(model, nnx.Param)
+        loss_fn, _ = task_loss(task, self.problem_type)
+
+        @jax.jit
+        def step(params, batch):
+            loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0), True)
+            return {"loss_sum": loss_sum, **sums}
+
+        self._step = step
+
+    def __call__(self, file: str | os.PathLike) -> tuple[list[dict], dict[str, float] | None]:
+        """Predictions for every row of ``file`` (CSV, JSONL or Parquet), and the task metrics if the rows carry
+        labels (else None)."""
+        import jax.numpy as jnp
+
+        task, data = self.task, self.data
+        rows, labelled = _with_placeholder_labels(task, tasks.read_rows(str(file)), data, self.names,
+                                                  self.problem_type)
+        label_names = self.names if task in ("sequence_classification", "token_classification") else None
+        if self.problem_type == "regression":
+            label_names = self.names[:1]
+        encoded = tasks.encode(task, rows, self.tokenizer, dataclasses.replace(data, problem_type=self.problem_type),
+                               label_names=label_names, file=str(file))
+        batches = tasks.eval_batches(encoded, self.batch_size, tasks.pad_token_id(self.tokenizer), data.bucket,
+                                     data.max_seq_len)
+        outputs, _, _ = collect_outputs(lambda b: self._step(self.params, jax.tree.map(jnp.asarray, b)), batches)
+        metrics = compute_metrics(task, encoded, outputs) if labelled else None
+        return row_predictions(task, encoded, outputs), metrics
+
+
+def predict(model_dir: str | os.PathLike, file: str | os.PathLike, **kwargs: Any,
             ) -> tuple[list[dict], dict[str, float] | None]:
-    """Predictions for every row of ``file`` (CSV, JSONL or Parquet; field names from ``data``), and the task
-    metrics if the rows carry labels (else None). ``data`` None: the fine-tuning run's (`run_data_config`)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mra_jax.configuration import MraConfig
-    from mra_jax.options import RuntimeOptions
-    from mra_jax.training.finetune import MODEL_CLASSES, task_loss
-
-    model_dir = pathlib.Path(model_dir)
-    config = MraConfig.from_pretrained(model_dir)
-    architecture = (config.extra.get("architectures") or [None])[0]
-    if architecture not in ARCHITECTURE_TASKS:
-        raise ValueError(f"{model_dir}: architecture {architecture!r} is not a fine-tuned head "
-                         f"({', '.join(ARCHITECTURE_TASKS)})")
-    task = ARCHITECTURE_TASKS[architecture]
-    data = data or run_data_config(model_dir)
-    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
-    problem_type = (config.problem_type or "single_label_classification") if task == "sequence_classification" \
-        else None
-    tok = Tokenizer.from_file(str(find_model_tokenizer(model_dir, tokenizer)))
-    rows, labelled = _with_placeholder_labels(task, tasks.read_rows(str(file)), data, names, problem_type)
-    label_names = names if task in ("sequence_classification", "token_classification") else None
-    if problem_type == "regression":
-        label_names = names[:1]
-    encoded = tasks.encode(task, rows, tok, dataclasses.replace(data, problem_type=problem_type),
-                           label_names=label_names, file=str(file))
-    model = MODEL_CLASSES[task].from_pretrained(model_dir, options=RuntimeOptions(implementation=attention))
-    graphdef, params = nnx.split(model, nnx.Param)
-    loss_fn, _ = task_loss(task, encoded.problem_type)
-
-    @jax.jit
-    def step(params, batch):
-        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0), True)
-        return {"loss_sum": loss_sum, **sums}
-
-    batches = tasks.eval_batches(encoded, batch_size, tasks.pad_token_id(tok), data.bucket, data.max_seq_len)
-    outputs, _, _ = collect_outputs(lambda b: step(params, jax.tree.map(jnp.asarray, b)), batches)
-    metrics = compute_metrics(task, encoded, outputs) if labelled else None
-    return row_predictions(task, encoded, outputs), metrics
+    """``Predictor(model_dir, **kwargs)(file)``: the predictions for every row of ``file`` and the task metrics if
+    the rows carry labels (else None)."""
+    return Predictor(model_dir, **kwargs)(file)
 
 
 def write_predictions(predictions: list[dict], path: str | os.PathLike) -> None:
