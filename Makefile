@@ -18,12 +18,12 @@ $(VENV)/.train: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.train
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-	  echo "+ pip install $(TORCH)"; $(BIN)/python -m pip install --quiet "$(TORCH)"; \
-	else \
-	  echo "+ pip install $(TORCH) (CPU build)"; \
-	  $(BIN)/python -m pip install --quiet --extra-index-url "$(TORCH_CPU_INDEX)" "$(TORCH)"; \
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "+ pip install $(TORCH) from $(TORCH_CPU_INDEX) (no GPU: the CPU build)"; \
+	  $(BIN)/python -m pip install --quiet --retries 0 --timeout 20 --no-deps --index-url "$(TORCH_CPU_INDEX)" \
+	    "$(TORCH)" || echo "(the CPU index is out of reach: the default build)"; \
 	fi
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 

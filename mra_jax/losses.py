@@ -13,7 +13,8 @@ IGNORE_INDEX = -100
 def check_class_labels(name: str, labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
     """On concrete inputs: integer labels in ``[0, num_classes)`` or ``ignore_index``, else a `ValueError`.
 
-    (Under ``jax.jit`` the values cannot be checked; an out-of-range label then gives a NaN loss.)
+    (Under ``jax.jit`` the values cannot be checked; an out-of-range label, negative ones included, then gives a
+    NaN loss.)
     """
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{name} must be integers, got {labels.dtype}")
@@ -35,8 +36,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
         raise ValueError(f"labels must have shape {logits.shape[:-1]}, got {labels.shape}")
     check_class_labels("labels", labels, logits.shape[-1], ignore_index)
     valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0)
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe = jnp.where(valid & in_range, labels, 0)
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    per_token = jnp.where(in_range, per_token, jnp.nan)  # never a valid-looking loss for a bad label
     count = valid.sum()
     return jnp.where(valid, per_token, 0.0).sum() / jnp.maximum(count, 1)
 

@@ -37,6 +37,12 @@ def _check_inputs(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
             raise ValueError(f"{name} must be a floating array, got {x.dtype}")
 
 
+def token_mask(mask: jax.Array) -> jax.Array:
+    """An attention mask as int32 1 (token) / 0 (padding): truncated as HF's ``.int()`` (fractions below 1 are
+    padding), then any value of 1 or more is a token (2 or 3 would otherwise scale the keys and values)."""
+    return jnp.clip(jax.lax.stop_gradient(mask).astype(jnp.int32), 0, 1)
+
+
 def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *,
                   num_blocks: int, approx_mode: str = "full", initial_prior_first_n_blocks: int = 0,
                   initial_prior_diagonal_n_blocks: int = 0, implementation: str | None = None,
@@ -74,8 +80,7 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     num_blocks = min(num_blocks, n * n)
     scale = math.sqrt(head_dim)
 
-    # As HF's .int(): 1 = token, 0 = padding, fractions truncated.
-    mask = jnp.ones((batch, seq), jnp.int32) if mask is None else jax.lax.stop_gradient(mask).astype(jnp.int32)
+    mask = jnp.ones((batch, seq), jnp.int32) if mask is None else token_mask(mask)
     mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, padded - seq)))
     # [B, S, H, d] -> [B, H, S, d], padded and masked.
     q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)

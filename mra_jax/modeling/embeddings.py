@@ -10,6 +10,14 @@ from mra_jax.configuration import POSITION_OFFSET, MraConfig
 from mra_jax.modeling.common import Dropout, Dtype, layer_norm
 
 
+def _lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
+    """``table(ids)``, NaN for ids outside ``[0, num_embeddings)`` (under ``jax.jit`` they cannot be refused, and
+    a negative id would otherwise wrap around to a valid-looking row)."""
+    valid = (ids >= 0) & (ids < table.num_embeddings)
+    out = table(jnp.where(valid, ids, 0))
+    return jnp.where(valid[..., None], out, jnp.asarray(jnp.nan, out.dtype))
+
+
 class MraEmbeddings(nnx.Module):
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
@@ -34,12 +42,12 @@ class MraEmbeddings(nnx.Module):
                  inputs_embeds: jax.Array | None = None, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            inputs_embeds = _lookup(self.word_embeddings, input_ids)
             if self.pad_token_id is not None:
                 # As torch's padding_idx: lookups of the pad token pass no gradient to its row.
                 is_pad = (input_ids == self.pad_token_id)[..., None]
                 inputs_embeds = jnp.where(is_pad, jax.lax.stop_gradient(inputs_embeds), inputs_embeds)
-        embeddings = (inputs_embeds + self.token_type_embeddings(token_type_ids)
-                      + self.position_embeddings(position_ids))
+        embeddings = (inputs_embeds + _lookup(self.token_type_embeddings, token_type_ids)
+                      + _lookup(self.position_embeddings, position_ids))
         embeddings = self.LayerNorm(embeddings)
         return self.dropout(embeddings, deterministic, rngs)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from mra_jax import losses
 from mra_jax.atomic import atomic_directory
+from mra_jax.attention.mra import token_mask
 from mra_jax.checkpoint import PARAMS_DIR, OrbaxSource, is_orbax_checkpoint, save_params
 from mra_jax.configuration import POSITION_OFFSET, MraConfig
 from mra_jax.conversion.hf_export import write_hf_checkpoint
@@ -39,9 +40,22 @@ from mra_jax.sharding import param_shardings
 Rngs = nnx.Rngs | jax.Array | int | None
 
 
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
+
+
 def _arrays(*xs: Any) -> list[jax.Array | None]:
-    """Accept lists and numpy arrays as inputs."""
-    return [None if x is None else jnp.asarray(x) for x in xs]
+    """Accept lists and numpy arrays as inputs; integers that int32 cannot hold are refused before the cast (JAX
+    would wrap 2**40 around to 0)."""
+    out = []
+    for name, x in zip(INPUT_NAMES, xs, strict=False):
+        if x is not None and not isinstance(x, jax.Array):
+            host = np.asarray(x)
+            if host.dtype.kind in "iu" and host.size and (host.min() < -(2**31) or host.max() >= 2**31):
+                bad = host[(host < -(2**31)) | (host >= 2**31)]
+                raise ValueError(f"{name} holds values that do not fit in int32: e.g. {bad[:5].tolist()}")
+            x = host
+        out.append(None if x is None else jnp.asarray(x))
+    return out
 
 
 def _is_concrete(x: Any) -> bool:
@@ -189,7 +203,8 @@ class MraModel(MraPreTrainedModel):
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
                  inputs_embeds: jax.Array | None = None, *, output_hidden_states: bool = False,
                  deterministic: bool = True, rngs: Rngs = None) -> MraModelOutput:
-        """Encode ``input_ids`` ``[batch, seq]`` (or ``inputs_embeds``); ``attention_mask`` 1 = token, 0 = pad.
+        """Encode ``input_ids`` ``[batch, seq]`` (or ``inputs_embeds``); ``attention_mask`` 1 = token, 0 = pad
+        (values of 1 or more are tokens, below 1 padding).
 
         Deterministic (no dropout) unless ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``, key or seed; pass a
         new key each step, a fixed seed gives the same masks every call). Ids are range-checked on concrete inputs;
@@ -199,8 +214,7 @@ class MraModel(MraPreTrainedModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         batch, seq = self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         rngs = as_rngs(rngs)
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, seq), jnp.float32)
+        attention_mask = jnp.ones((batch, seq), jnp.int32) if attention_mask is None else token_mask(attention_mask)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
         if position_ids is None:

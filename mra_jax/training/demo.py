@@ -130,23 +130,20 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         _say(f"pretrain: step {e['step']} eval loss {e['eval_loss']:.3f}, masked-token accuracy "
              f"{e['eval_accuracy']:.3f}")
 
-    _say("== 3/5 fine-tune on short ListOps expressions (10 classes; the warm-up of a length curriculum)")
-    short = dataclasses.replace(cfg.warmup.data, train_file=str(paths["warmup_train"]),
-                                eval_file=str(paths["warmup_eval"]), test_file=None)
-    warm = dataclasses.replace(cfg.warmup, task="sequence_classification", output_dir=str(out / "warmup"),
-                               model=pre_result["checkpoint"], export_hf=False, data=short)
-    t = time.perf_counter()
-    warm_result = finetune.run(warm)
-    times["warmup_s"] = time.perf_counter() - t
+    def finetune_stage(stage: finetune.FinetuneConfig, name: str, split: str, model: str, export: bool):
+        data = dataclasses.replace(stage.data, train_file=str(paths[f"{split}train"]),
+                                   eval_file=str(paths[f"{split}eval"]), test_file=None)
+        stage = dataclasses.replace(stage, task="sequence_classification", output_dir=str(out / name), model=model,
+                                    export_hf=export, data=data)
+        t = time.perf_counter()
+        result = finetune.run(stage)
+        times[f"{name}_s"] = time.perf_counter() - t
+        return result, data
 
+    _say("== 3/5 fine-tune on short ListOps expressions (10 classes; the warm-up of a length curriculum)")
+    warm_result, _ = finetune_stage(cfg.warmup, "warmup", "warmup_", pre_result["checkpoint"], export=False)
     _say("== 4/5 fine-tune on ListOps of 1-2k tokens")
-    data = dataclasses.replace(cfg.finetune.data, train_file=str(paths["train"]), eval_file=str(paths["eval"]),
-                               test_file=None)
-    ft = dataclasses.replace(cfg.finetune, task="sequence_classification", output_dir=str(out / "finetune"),
-                             model=warm_result["best_checkpoint"], export_hf=True, data=data)
-    t = time.perf_counter()
-    ft_result = finetune.run(ft)
-    times["finetune_s"] = time.perf_counter() - t
+    ft_result, data = finetune_stage(cfg.finetune, "finetune", "", warm_result["best_checkpoint"], export=True)
 
     _say("== 5/5 test")
     t = time.perf_counter()
