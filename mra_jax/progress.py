@@ -1,29 +1,24 @@
-"""A minimal progress bar on stderr for long conversions (no dependency)."""
+"""Progress of long conversions on stderr, through tqdm (which writes plain lines when stderr is not a terminal)."""
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
 class ProgressBar:
-    """Call with ``(done, total)``; redraws at most ten times a second and ends the line when done."""
+    """Call with ``(done, total)``; the bar closes when ``done`` reaches ``total``."""
 
-    def __init__(self, description: str, stream=sys.stderr, width: int = 30):
+    def __init__(self, description: str, stream=sys.stderr):
         self.description = description
         self.stream = stream
-        self.width = width
-        self.start = time.perf_counter()
-        self._last = 0.0
+        self._bar: tqdm | None = None
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        filled = self.width * done // max(total, 1)
-        self.stream.write(f"\r{self.description} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
-                          f"{now - self.start:.1f}s")
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.description, file=self.stream, unit="tensor", dynamic_ncols=True,
+                             mininterval=0.1)
+        self._bar.update(done - self._bar.n)
         if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+            self._bar.close()

@@ -2,7 +2,7 @@
 
     python scripts/compile_pretrain.py configs/pretrain/base-4096.yaml --topology v5e:4x4 [key=value ...]
 
-Needs libtpu (``pip install "jax[tpu]==<your jax>"``, e.g. the venv of ../shared/tools/tpu-compile/run.sh) but no
+Needs libtpu (``pip install "jax[tpu]==<your jax>"``) but no
 TPU; JAX_PLATFORMS=cpu and ALLOW_MULTIPLE_LIBTPU_LOAD=1 are set unless already set. Prints the memory per chip
 (arguments, outputs, temporaries, code; total against the chip's HBM), the collectives of the compiled program by
 kind, the number of Mosaic kernel calls and the compile time. Topologies: v4:AxBxC, v5e:AxB, v5p:AxBxC, v6e:AxB

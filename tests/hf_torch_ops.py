@@ -1,4 +1,4 @@
-"""Pure-torch versions of the three CUDA ops HF's MRA calls (semantics: docs' mra_semantics.md §4).
+"""Pure-torch versions of the three CUDA ops HF's MRA calls (the authors' kernels in HF's `kernels/mra/`).
 
 Assigned to ``transformers.models.mra.modeling_mra.mra_cuda_kernel`` they make HF's own ``mra2_attention`` run
 on a CPU, which gives an independent oracle for our attention.

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, MODEL_CASES, rel_err
+from conftest import GOLDEN, MODEL_CASES, rel_err, worst
 from flax import nnx
 
 import mra_jax
@@ -25,7 +25,7 @@ def test_outputs_and_loss_match_hf(case):
     fields = {field for field, _, _ in rows}
     stored = {k.removeprefix("out_") for k in np.load(GOLDEN / case / "golden_io.npz").files if k.startswith("out_")}
     assert fields == stored and (case == "model_base" or "loss" in fields)
-    assert max(err for _, err, _ in rows) < 1e-4, rows
+    assert worst(err for _, err, _ in rows) < 1e-4, rows
 
 
 @pytest.mark.parametrize("case", ["model_masked_lm", "model_sequence_classification"])
@@ -40,7 +40,7 @@ def test_parameter_gradients_match_hf(case):
     assert {hf_name(path) for path, _ in flat} == golden
     errors = {hf_name(path): rel_err(to_hf_tensor(path, np.asarray(g.get_value())), z[f"grad/{hf_name(path)}"])
               for path, g in flat}
-    assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert worst(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_model_class_from_config():

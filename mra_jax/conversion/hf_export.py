@@ -29,4 +29,8 @@ def write_hf_checkpoint(model: nnx.Module, directory: str | os.PathLike) -> None
     config: MraConfig = model.config
     config = config.with_extra(architectures=[type(model).__name__], dtype="float32")
     config.save_pretrained(directory)
-    save_file(to_hf_state_dict(model), os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
+    weights = os.path.join(directory, SAFETENSORS_FILE)
+    save_file(to_hf_state_dict(model), weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; config.json and the rest get the usual mode
