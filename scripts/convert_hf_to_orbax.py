@@ -11,13 +11,13 @@ and the new head initialised (both named in a warning); missing encoder tensors 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import jax.numpy as jnp
 
 import mra_jax
+from mra_jax.atomic import check_output_dir
 from mra_jax.modeling.models import MODEL_CLASSES
 from mra_jax.progress import ProgressBar
 
@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if os.path.exists(args.out) and not args.force:
-        print(f"error: {args.out} already exists; pass --force to replace it", file=sys.stderr)
+    try:
+        check_output_dir(args.out, args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         config = mra_jax.MraConfig.from_pretrained(args.hf_dir)

@@ -9,11 +9,11 @@ unexpected keys; it is written aside and moved into place only when complete.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import mra_jax
+from mra_jax.atomic import check_output_dir
 from mra_jax.progress import ProgressBar
 
 
@@ -24,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if os.path.exists(args.out) and not args.force:
-        print(f"error: {args.out} already exists; pass --force to replace it", file=sys.stderr)
+    try:
+        check_output_dir(args.out, args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         cls = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(args.checkpoint))

@@ -12,10 +12,10 @@ mra-base-4096 recipe). Tensors are read one at a time (safetensors, sharded safe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
+from mra_jax.atomic import check_output_dir
 from mra_jax.conversion.roberta import mra_from_roberta
 from mra_jax.progress import ProgressBar
 
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if os.path.exists(args.out) and not args.force:
-        print(f"error: {args.out} already exists; pass --force to replace it", file=sys.stderr)
+    try:
+        check_output_dir(args.out, args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         config = mra_from_roberta(args.hf_dir, args.out, max_position_embeddings=args.max_position_embeddings,

@@ -210,14 +210,22 @@ def test_failures_exit_nonzero_name_the_problem_and_leave_nothing(failure, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
 
 
-def test_existing_output_needs_force(tmp_path, capsys):
+def test_existing_output_needs_force_and_force_replaces_only_checkpoints(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep").write_text("x")
+    (out / "notes.txt").write_text("x")
     assert convert(["--hf-dir", str(GOLDEN / "model_base"), "--out", str(out)]) == 1
-    assert "already exists" in capsys.readouterr().err and (out / "keep").exists()
+    assert "already exists" in capsys.readouterr().err and (out / "notes.txt").exists()
+    assert convert(["--hf-dir", str(GOLDEN / "model_base"), "--out", str(out), "--force"]) == 1
+    assert "not a checkpoint directory" in capsys.readouterr().err and (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()  # an empty directory may be replaced
     assert convert(["--hf-dir", str(GOLDEN / "model_base"), "--out", str(out), "--force"]) == 0
-    assert not (out / "keep").exists() and (out / "params").is_dir()
+    assert (out / "params").is_dir()
+    assert convert(["--hf-dir", str(GOLDEN / "model_base"), "--out", str(out), "--force"]) == 0  # a checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "file").write_text("x")
+    assert convert(["--hf-dir", str(GOLDEN / "model_base"), "--out", str(tmp_path / "file" / "sub")]) == 1
+    assert "is a file" in capsys.readouterr().err
     assert export(["--checkpoint", str(out), "--out", str(out)]) == 1
     assert export(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()
@@ -302,3 +310,54 @@ def test_temporary_folders_of_dead_writers_are_removed(tmp_path):
     mra_jax.MraModel.from_pretrained(GOLDEN / "model_base").save_pretrained(tmp_path / "o")
     assert not stale.exists() and (tmp_path / "o" / "params").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+_KILLED_REPLACE = """
+import os, pathlib, signal, sys
+import mra_jax.atomic as atomic
+
+out = pathlib.Path(sys.argv[1])
+atomic._exchange = lambda a, b: False  # the two-rename path, as on a system without an atomic exchange
+rename = pathlib.Path.rename
+
+def rename_then_die(self, target):
+    result = rename(self, target)
+    if ".old-" in str(target):  # the old checkpoint moved aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+pathlib.Path.rename = rename_then_die
+with atomic.atomic_directory(out, force=True) as tmp:
+    (tmp / "config.json").write_text("new")
+    (tmp / "model.safetensors").write_text("new")
+"""
+
+
+def _checkpoint_dir(path: pathlib.Path, content: str) -> None:
+    path.mkdir()
+    (path / "config.json").write_text(content)
+    (path / "model.safetensors").write_text(content)
+
+
+def test_a_replace_killed_between_its_renames_is_repaired_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from mra_jax.atomic import atomic_directory, check_output_dir
+
+    out = tmp_path / "ckpt"
+    _checkpoint_dir(out, "old")
+    env = {**__import__("os").environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_REPLACE, str(out)], env=env, check=False)
+    assert killed.returncode == -9
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert "ckpt" not in leftovers and any(n.startswith(".ckpt.old-") for n in leftovers), leftovers
+    with pytest.raises(FileExistsError, match="already exists"):  # the next write puts the old one back first
+        check_output_dir(out, force=False)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left behind
+    with atomic_directory(out, force=True) as tmp:  # and an atomic exchange replaces it in one step
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_text("new")
+    assert (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
