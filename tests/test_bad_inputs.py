@@ -105,3 +105,23 @@ def test_jax_jit_of_a_merged_model_stays_traceable(model):
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m).logits)(state, *_batch())
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_wrong_types_and_shapes_are_named(model):
+    ids, mask = _batch()
+    cases = [
+        (dict(attention_mask=np.array([["1"] * 64] * 2)), "attention_mask must be a numeric array"),
+        (dict(attention_mask=mask, position_ids=np.zeros((2, 64), np.float32)), "position_ids must be integers"),
+        (dict(attention_mask=mask, token_type_ids=np.zeros((2, 64), np.float32)), "token_type_ids must be integers"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(ids, **kwargs)
+    token = mra_jax.MraForTokenClassification(CONFIG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"labels must be \[batch, seq\]"):
+        token(ids, attention_mask=mask, labels=np.zeros((2,), np.int32))
+    q = jnp.zeros((1, 64, 1, 16))
+    with pytest.raises(ValueError, match=r"num_blocks must be a positive integer, got 2\.5"):
+        mra_jax.mra_attention(q, q, q, None, num_blocks=2.5)
+    with pytest.raises(ValueError, match="seq = 0"):
+        mra_jax.mra_attention(q[:, :0], q[:, :0], q[:, :0], None, num_blocks=4)

@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mra_jax.attention.combination import combine
 from mra_jax.attention.high_resolution import high_resolution_pallas, high_resolution_reference
@@ -24,8 +25,12 @@ def _check_inputs(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError(f"query, key and value must have the same shape, got {query.shape}, {key.shape}, "
                          f"{value.shape}")
+    if query.shape[1] < 1:
+        raise ValueError("the sequence is empty (seq = 0)")
     if mask is not None and mask.shape != query.shape[:2]:
         raise ValueError(f"mask must be [batch, seq] = {query.shape[:2]}, got shape {mask.shape}")
+    if mask is not None and not (jnp.issubdtype(mask.dtype, jnp.number) or mask.dtype == jnp.bool_):
+        raise ValueError(f"mask must be numeric or boolean (1 = token, 0 = padding), got {mask.dtype}")
     if approx_mode not in APPROX_MODES:
         raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
     if implementation not in IMPLEMENTATIONS:
@@ -73,8 +78,8 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     _check_inputs(query, key, value, mask, approx_mode, implementation, initial_prior_first_n_blocks,
                   initial_prior_diagonal_n_blocks)
     batch, seq, _, head_dim = query.shape
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
     n = -(-seq // BLOCK_SIZE)
     padded = n * BLOCK_SIZE
     num_blocks = min(num_blocks, n * n)

@@ -50,6 +50,8 @@ def _arrays(*xs: Any) -> list[jax.Array | None]:
     for name, x in zip(INPUT_NAMES, xs, strict=False):
         if x is not None and not isinstance(x, jax.Array):
             host = np.asarray(x)
+            if host.dtype.kind not in "biuf":
+                raise ValueError(f"{name} must be a numeric array, got dtype {host.dtype}")
             if host.dtype.kind in "iu" and host.size and (host.min() < -(2**31) or host.max() >= 2**31):
                 bad = host[(host < -(2**31)) | (host >= 2**31)]
                 raise ValueError(f"{name} holds values that do not fit in int32: e.g. {bad[:5].tolist()}")
@@ -187,6 +189,9 @@ class MraModel(MraPreTrainedModel):
             raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
                              f"({config.max_position_embeddings}); pass position_ids or use a model with more "
                              "positions")
+        for name, x in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"{name} must be integers, got {x.dtype}")
         for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
                         ("position_ids", position_ids)):
             if x is not None and x.shape != (batch, seq) and not (name == "position_ids" and x.shape in
@@ -371,8 +376,11 @@ class MraForTokenClassification(_MraWithHead):
         loss = None
         if labels is not None:
             labels = jnp.asarray(labels)
+            if labels.shape != logits.shape[:-1]:
+                raise ValueError(f"token classification labels must be [batch, seq] = {logits.shape[:-1]}, got "
+                                 f"shape {labels.shape}")
             if attention_mask is not None:
-                labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, losses.IGNORE_INDEX)
+                labels = jnp.where(token_mask(jnp.asarray(attention_mask)) == 1, labels, losses.IGNORE_INDEX)
             loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return TokenClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
 
