@@ -33,7 +33,7 @@ demo: $(VENV)/.train
 	$(BIN)/python scripts/demo.py $(ARGS)
 
 test: $(VENV)/.test
-	. $(BIN)/activate && $$(awk '/<!-- test-command/{f=1; next} f && /^```bash/{i=1; next} i && /^```/{exit} i{print}' README.md)
+	. $(BIN)/activate && eval "$$(awk '/<!-- test-command/{f=1; next} f && /^```bash/{i=1; next} i && /^```/{exit} i{print}' README.md)"
 
 clean-demo:
 	rm -rf out/demo
