@@ -181,3 +181,39 @@ def test_sampled_large_rows_fallback():
 @pytest.mark.parametrize("k", [1, N_LARGE - 1])
 def test_sampled_large_rows_extreme_k(k):
     _check(_block_score_rows(np.random.default_rng(6)), k, "sampled")
+
+
+# --------------------------------------------------------------------------------------------- priors and selection
+
+
+def test_add_priors_bonuses_by_hand():
+    from mra_jax.attention.selection import add_priors
+
+    zero = jnp.zeros((4, 4), jnp.float32)
+    b = 5000.0
+    diagonal = np.diag([b] * 4)  # diagonal_n_blocks 1: |i - j| <= 0
+    np.testing.assert_array_equal(np.asarray(add_priors(zero, 0, 1)), diagonal)
+    band = np.array([[b, b, 0, 0], [b, b, b, 0], [0, b, b, b], [0, 0, b, b]])  # 3: |i - j| <= 1
+    np.testing.assert_array_equal(np.asarray(add_priors(zero, 0, 3)), band)
+    first = np.zeros((4, 4))
+    first[0, :] += b
+    first[:, 0] += b  # the corner gets both
+    np.testing.assert_array_equal(np.asarray(add_priors(zero, 1, 0)), first)
+    np.testing.assert_array_equal(np.asarray(add_priors(zero, 1, 1)), first + diagonal)
+
+
+def test_select_blocks_takes_priors_first_and_breaks_ties_by_lowest_index():
+    from mra_jax.attention.selection import select_blocks
+
+    zero = jnp.zeros((4, 4), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(select_blocks(zero, 3)), [0, 1, 2])  # all tied: lowest flat indices
+    # first_n 1: the corner (10000), then the 5000s of row 0 and column 0 (1, 2, 3, 4, 8, 12) by index.
+    np.testing.assert_array_equal(np.asarray(select_blocks(zero, 5, first_n_blocks=1)), [0, 1, 2, 3, 4])
+    # the priors beat any plausible score: a large score elsewhere comes after them
+    scores = zero.at[3, 2].set(100.0)
+    np.testing.assert_array_equal(np.asarray(select_blocks(scores, 5, diagonal_n_blocks=1)), [0, 5, 10, 14, 15])
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(2, 6, 6)).astype(np.float32)
+    got = np.asarray(select_blocks(jnp.asarray(s), 7))
+    want = np.sort(np.argsort(-s.reshape(2, 36), axis=-1, kind="stable")[:, :7], axis=-1)
+    np.testing.assert_array_equal(got, want)
