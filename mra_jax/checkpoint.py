@@ -92,10 +92,35 @@ class OrbaxSource:
                 metadata = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
         except Exception as e:
             raise ValueError(f"cannot read Orbax checkpoint {self.directory}: {e}") from e
+        if not metadata:
+            absent = [name for name in ("_METADATA", "manifest.ocdbt", "d") if not (self.directory / name).exists()]
+            why = f"missing {', '.join(absent)}" if absent else "its metadata cannot be read (damaged files)"
+            raise ValueError(f"cannot read Orbax checkpoint {self.directory}: {why}; the checkpoint is incomplete "
+                             "or damaged")
         self.paths = {hf_name(path): path for path in _flatten(dict(metadata))}
         shapes = {path: tuple(meta.shape) for path, meta in _flatten(dict(metadata)).items()}
         self.shapes = {name: tuple(reversed(shapes[path])) if path[-1] == "kernel" else shapes[path]
                        for name, path in self.paths.items()}
+
+    def _damaged(self, requests: list[Request]) -> str:
+        """Which tensors cannot be restored (tried one by one, after a failed restore of all), and why."""
+        bad = []
+        for name, _, target in requests:
+            item = _nest({self.paths[name]: target})
+            args = _nest({self.paths[name]: ocp.ArrayRestoreArgs(dtype=target.dtype, sharding=(
+                target.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])))})
+            try:
+                with _quiet_item_metadata():
+                    ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                        self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                    partial_restore=True))
+            except Exception as e:
+                reason = str(e).splitlines()[0].split(". See full")[0][:100] if str(e) else type(e).__name__
+                bad.append(f"{name} ({reason})")
+        if not bad:
+            return "the restore failed, although every tensor restores on its own"
+        return (f"{len(bad)} tensor(s) cannot be read (a data file is truncated, damaged or missing): "
+                + "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
     def read(self, requests: list[Request]) -> Iterator[tuple[Path, jax.Array]]:
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -109,7 +134,7 @@ class OrbaxSource:
                     self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                 partial_restore=True))
         except Exception as e:
-            raise ValueError(f"cannot restore Orbax checkpoint {self.directory}: {e}") from e
+            raise ValueError(f"cannot restore Orbax checkpoint {self.directory}: {self._damaged(requests)}") from e
         flat = _flatten(restored)
         for name, path, _ in requests:
             yield path, flat[tuple(str(p) for p in self.paths[name])]

@@ -125,3 +125,50 @@ def test_wrong_types_and_shapes_are_named(model):
         mra_jax.mra_attention(q, q, q, None, num_blocks=2.5)
     with pytest.raises(ValueError, match="seq = 0"):
         mra_jax.mra_attention(q[:, :0], q[:, :0], q[:, :0], None, num_blocks=4)
+
+
+@pytest.fixture(scope="module")
+def orbax_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("orbax") / "ok"
+    mra_jax.MraModel(CONFIG, rngs=nnx.Rngs(0)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("no_metadata", "missing _METADATA"),
+    ("emptied", "missing _METADATA, manifest.ocdbt, d"),
+    ("no_manifest", "missing manifest.ocdbt"),
+    ("truncated", r"tensor\(s\) cannot be read .*embeddings"),
+])
+def test_damaged_orbax_checkpoints_name_the_problem(orbax_checkpoint, tmp_path, damage, message):
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(orbax_checkpoint, out)
+    params = out / "params"
+    if damage == "no_metadata":
+        (params / "_METADATA").unlink()
+    elif damage == "emptied":
+        for p in params.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif damage == "no_manifest":
+        (params / "manifest.ocdbt").unlink()
+    else:
+        data = [p for p in params.rglob("*") if p.is_file() and "ocdbt.process" in str(p) and "/d/" in str(p)]
+        for f in data:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=message):
+        mra_jax.MraModel.from_pretrained(out)
+
+
+def test_a_config_without_size_fields_is_named_when_the_weights_disagree(orbax_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(orbax_checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    del config["hidden_size"], config["intermediate_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not set hidden_size \(default 768\), intermediate_size"):
+        mra_jax.MraModel.from_pretrained(out)

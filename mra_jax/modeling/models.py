@@ -18,7 +18,7 @@ from mra_jax import losses
 from mra_jax.atomic import atomic_directory
 from mra_jax.attention.mra import token_mask
 from mra_jax.checkpoint import PARAMS_DIR, OrbaxSource, is_orbax_checkpoint, save_params
-from mra_jax.configuration import POSITION_OFFSET, MraConfig
+from mra_jax.configuration import CONFIG_FILES, POSITION_OFFSET, MraConfig, read_json_object
 from mra_jax.conversion.hf_export import write_hf_checkpoint
 from mra_jax.conversion.hf_files import WEIGHT_FILES, has_hf_weights, open_hf_weights
 from mra_jax.conversion.loading import HFSource, load_params
@@ -72,6 +72,20 @@ def _check_range(name: str, ids: jax.Array | None, upper: int, what: str) -> Non
     if ids.size and (ids.min() < 0 or ids.max() >= upper):
         bad = ids[(ids < 0) | (ids >= upper)]
         raise ValueError(f"{name} holds values outside [0, {upper}) ({what}): e.g. {bad[:5].tolist()}")
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+
+
+def _defaulted_size_fields(path: str) -> list[str]:
+    """The size fields a checkpoint's config leaves to MraConfig's defaults (``name=default`` strings)."""
+    files = [os.path.join(path, name) for name in CONFIG_FILES if os.path.isfile(os.path.join(path, name))]
+    if not files:
+        return []
+    raw = read_json_object(files[0])
+    defaults = MraConfig()
+    return [f"{name} (default {getattr(defaults, name)})" for name in SIZE_FIELDS if name not in raw]
 
 
 class MraPreTrainedModel(nnx.Module):
@@ -134,7 +148,14 @@ class MraPreTrainedModel(nnx.Module):
             mesh = options.mesh
         model = nnx.eval_shape(build)
         shardings = None if mesh is None else param_shardings(model, mesh, rules)
-        report = load_params(model, source, shardings=shardings, init=init, progress=progress)
+        try:
+            report = load_params(model, source, shardings=shardings, init=init, progress=progress)
+        except ValueError as e:
+            defaulted = _defaulted_size_fields(path)
+            if "wrong shape" in str(e) and defaulted:
+                raise ValueError(f"{path}: its config does not set {', '.join(defaulted)}, so the defaults were "
+                                 f"used and the weights do not fit them. {e}") from e
+            raise
         report.warn(source.description, cls.__name__)
         return model
 
