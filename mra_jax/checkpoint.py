@@ -7,6 +7,8 @@ in NNX layout (Linear kernels ``[in, out]``), independent of any mesh: restore t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -22,6 +24,11 @@ from mra_jax.conversion.loading import Path, Request
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of each array's bytes, written by `save_params`, verified on load
+
+
+def _sha256(value: jax.Array | np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
 
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:
@@ -60,6 +67,10 @@ def save_params(directory: str | os.PathLike, params: dict[Path, jax.Array | np.
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(largest, 2**26) * 1.01 / 1e9)
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(pathlib.Path(directory).absolute() / PARAMS_DIR, args=ocp.args.PyTreeSave(_nest(params)))
+    if jax.process_count() == 1:  # Orbax stores no checksum: keep one per array to catch corruption that stays finite
+        sums = {"/".join(map(str, path)): {"sha256": _sha256(v), "dtype": str(np.dtype(v.dtype))}
+                for path, v in params.items()}
+        (pathlib.Path(directory) / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
 class _NoItemMetadataWarning(logging.Filter):
@@ -136,5 +147,26 @@ class OrbaxSource:
         except Exception as e:
             raise ValueError(f"cannot restore Orbax checkpoint {self.directory}: {self._damaged(requests)}") from e
         flat = _flatten(restored)
+        self._verify(flat, requests)
         for name, path, _ in requests:
             yield path, flat[tuple(str(p) for p in self.paths[name])]
+
+    def _verify(self, flat: dict, requests: list[Request]) -> None:
+        """Compare the restored arrays with the checksums written at save time (where there are some)."""
+        checksums = self.directory.parent / CHECKSUMS_FILE
+        if not checksums.is_file() or jax.process_count() > 1:
+            return
+        try:
+            sums = json.loads(checksums.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{checksums} is unreadable: {e}") from e
+        bad = []
+        for name, _, _ in requests:
+            key = tuple(str(p) for p in self.paths[name])
+            recorded, value = sums.get("/".join(key)), flat[key]
+            if recorded and recorded["dtype"] == str(np.dtype(value.dtype)) and _sha256(value) != recorded["sha256"]:
+                bad.append(name)
+        if bad:
+            raise ValueError(f"Orbax checkpoint {self.directory.parent} is corrupted: the content of "
+                             f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} differs from the checksum "
+                             f"recorded when it was saved ({CHECKSUMS_FILE})")

@@ -172,3 +172,35 @@ def test_a_config_without_size_fields_is_named_when_the_weights_disagree(orbax_c
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"does not set hidden_size \(default 768\), intermediate_size"):
         mra_jax.MraModel.from_pretrained(out)
+
+
+def test_non_finite_weights_are_refused_with_their_names(tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    golden = pathlib.Path(__file__).parent / "fixtures" / "golden" / "model_base"
+    out = tmp_path / "hf"
+    shutil.copytree(golden, out)
+    tensors = load_file(out / "model.safetensors")
+    tensors["encoder.layer.1.output.dense.bias"][3] = np.nan
+    tensors["embeddings.word_embeddings.weight"][0, 0] = np.inf
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"non-finite values .* in .*embeddings\.word_embeddings\.weight.*"
+                                         r"encoder\.layer\.1\.output\.dense\.bias"):
+        mra_jax.MraModel.from_pretrained(out)
+
+
+def test_orbax_content_that_differs_from_its_checksums_is_refused(orbax_checkpoint, tmp_path):
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(orbax_checkpoint, out)
+    assert (out / "checksums.json").is_file()
+    mra_jax.MraModel.from_pretrained(out)  # intact: loads
+    other = tmp_path / "other"
+    mra_jax.MraModel(CONFIG, rngs=nnx.Rngs(1)).save_pretrained(other)  # finite, well-formed, different values
+    shutil.rmtree(out / "params")
+    shutil.copytree(other / "params", out / "params")
+    with pytest.raises(ValueError, match=r"is corrupted: the content of .* differs from the checksum"):
+        mra_jax.MraModel.from_pretrained(out)

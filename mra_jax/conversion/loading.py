@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -154,10 +155,16 @@ def load_params(model: nnx.Module, source: TensorSource, *, shardings: dict[Path
         sharding = None if shardings is None else shardings[path]
         requests.append((source_name, path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
     total = len(params)
+    names = {path: source_name for source_name, path, _ in requests}
+    non_finite = []
     for done, (path, value) in enumerate(source.read(requests), 1):
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
+            non_finite.append(names[path])
         params[path].set_value(value)
         if progress:
             progress(done, total)
+    if non_finite:
+        raise ValueError(f"{source.description}: non-finite values (NaN or inf) in {', '.join(non_finite)}")
     if report.initialized:
         paths = [targets[n][0] for n in report.initialized]
         for path, value in init(paths).items():
