@@ -21,10 +21,14 @@ import mra_jax
 DEFAULT_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
 
 
-def compare_model(directory: pathlib.Path) -> list[tuple[str, float, float]]:
-    """(output name, max abs error, error relative to the largest HF value) for each stored output."""
+def compare_model(directory: pathlib.Path, implementation: str | None = None) -> list[tuple[str, float, float]]:
+    """(output name, max abs error, error relative to the largest HF value) for each stored output; the attention
+    ``implementation`` as in `mra_jax.options.RuntimeOptions` (None: the platform's best)."""
+    from mra_jax.options import RuntimeOptions
+
     golden = np.load(directory / "golden_io.npz")
-    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(directory)).from_pretrained(directory)
+    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(directory)).from_pretrained(
+        directory, options=RuntimeOptions(implementation=implementation))
     inputs = {k: jnp.asarray(golden[k]) for k in golden.files if not k.startswith(("out_", "grad/"))}
     out = model(**inputs, output_hidden_states=True)
     rows = []
