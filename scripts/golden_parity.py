@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", type=pathlib.Path, default=DEFAULT_GOLDEN,
                         help="folder holding model_*/ (config.json, model.safetensors, golden_io.npz)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max-abs error")
+    parser.add_argument("--attention", choices=["reference", "pallas"], default=None,
+                        help="attention implementation (default: the platform's best; pallas on a CPU interprets "
+                             "the kernels, slowly)")
     args = parser.parse_args(argv)
     folders = sorted(p.parent for p in args.golden.glob("model_*/golden_io.npz"))
     if not folders:
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for i, folder in enumerate(folders, 1):
         start = time.perf_counter()
-        rows = compare_model(folder)
+        rows = compare_model(folder, args.attention)
         for field, err, rel in rows:
             if not math.isfinite(err) or err > worst:  # NaN or inf stays the worst
                 worst = err

@@ -28,13 +28,6 @@ def test_outputs_and_loss_match_hf(case):
     assert worst(err for _, err, _ in rows) < 1e-4, rows
 
 
-def test_a_golden_model_through_the_pallas_kernels_matches_hf():
-    """The whole model with the Pallas kernels (GPU ones, interpret mode on a CPU) in every layer."""
-    rows = compare_model(GOLDEN / "model_question_answering", implementation="pallas")
-    assert {field for field, _, _ in rows} == {"loss", "start_logits", "end_logits"}
-    assert worst(err for _, err, _ in rows) < 1e-4, rows
-
-
 @pytest.mark.parametrize("case", ["model_masked_lm", "model_sequence_classification"])
 def test_parameter_gradients_match_hf(case):
     z = np.load(GOLDEN / case / "golden_io.npz")
