@@ -156,13 +156,14 @@ def load_params(model: nnx.Module, source: TensorSource, *, shardings: dict[Path
         requests.append((source_name, path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
     total = len(params)
     names = {path: source_name for source_name, path, _ in requests}
-    non_finite = []
+    finite = {}  # device flags, fetched once at the end (no host sync per tensor)
     for done, (path, value) in enumerate(source.read(requests), 1):
-        if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
-            non_finite.append(names[path])
+        if jnp.issubdtype(value.dtype, jnp.inexact):
+            finite[names[path]] = jnp.isfinite(value).all()
         params[path].set_value(value)
         if progress:
             progress(done, total)
+    non_finite = [name for name, ok in jax.device_get(finite).items() if not ok]
     if non_finite:
         raise ValueError(f"{source.description}: non-finite values (NaN or inf) in {', '.join(non_finite)}")
     if report.initialized:

@@ -204,8 +204,6 @@ def predict(model_dir: str | os.PathLike, file: str | os.PathLike, **kwargs: Any
 
 def write_predictions(predictions: list[dict], path: str | os.PathLike) -> None:
     """JSONL, one prediction per line, written atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    os.replace(tmp, path)
+    from mra_jax.training.listops import write_jsonl
+
+    write_jsonl(predictions, path)
