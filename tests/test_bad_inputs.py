@@ -95,7 +95,7 @@ def test_worst_error_is_never_fooled_by_nan():
 def test_golden_parity_reports_nan_as_a_difference(capsys):
     module = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "golden_parity.py"))
     rows = [("logits", 1e-7, 1e-7), ("loss", float("nan"), float("nan")), ("hidden", 2e-7, 1e-7)]
-    module["main"].__globals__["compare_model"] = lambda folder: rows
+    module["main"].__globals__["compare_model"] = lambda folder, attention="jnp": rows
     golden = pathlib.Path(__file__).parent / "fixtures" / "golden"
     assert module["main"](["--golden", str(golden)]) == 1
     assert "DIFFERS" in capsys.readouterr().out
