@@ -1,40 +1,44 @@
-"""Block-sparse attention kernels for TPUs (Pallas, Mosaic backend).
+"""Block-sparse attention kernels for TPUs (Pallas, Mosaic backend) whose VMEM use does not grow with the sequence.
 
 Same contract and math as :mod:`pallas_kernels.gpu` (tokens in blocks of ``BLOCK = 32``; logits ``dot(q, k) / scale``;
 ``key_mask`` [B, S] shared by the ``num_heads`` heads of batch item ``b = bh // num_heads``; padded keys get probability
 exactly 0; ``o`` normalised in the input dtype, ``lse`` float32, ``o = 0`` / ``lse = -inf`` for a query that sees no
 valid key; float32 accumulation, ``Precision.HIGHEST`` for float32 dots).  Three kernels, no atomics:
 
-* ``attention_forward``: grid ``(BH, S_pad // 128)``; a step handles ``ROWS = 128`` query tokens, i.e. four query
-  blocks, each with its own ``lax.fori_loop`` over its key blocks (row view) and an online softmax;
-* ``attention_dq``: same grid and loops, recomputing ``p = exp(s - lse)`` (FlashAttention-2 ``ds = p * (dp - delta)``);
-* ``attention_dkv``: grid ``(BH, S_pad // 128)`` over four key blocks per step, looping over the column view.  Scores
-  are computed transposed (keys on sublanes, queries on lanes) so that every matmul is ``A @ B`` or ``A @ B.T``.
+* ``attention_forward`` and ``attention_dq`` walk the row view (a query block and its key blocks);
+* ``attention_dkv`` walks the column view (a key block and the query blocks that selected it), with scores computed
+  transposed (keys on sublanes, queries on lanes) so that every matmul is ``A @ B`` or ``A @ B.T``.
 
-TPU layout choices (the ``(8, 128)`` block rule and lane-dense stores):
+Streaming (splash attention's pattern): the grid is ``(batch·head rows, steps)``.  Each grid step handles one "major"
+block (the query block of the row view, the key block of the column view) and up to ``SLOTS`` of its selected
+"minor" blocks.  Every operand is a 32-row block whose ``index_map`` reads the block ids from a scalar-prefetched
+*visit list*, so a step DMAs only the blocks it needs (a minor operand is passed once per slot), and the pipeline
+fetches the next step's blocks while this one computes.  A major block's steps are consecutive: its output block and
+float32 accumulators (VMEM scratch) stay resident, initialised on its first step and written on its last.  A major
+block that selected nothing still gets one step (no valid slot), so every output block is written: ``o = 0``,
+``lse = -inf``, zero gradients.  An unused slot keeps the block it held at its previous step, so it costs no DMA.
 
-* the CSR lists of the :class:`~pallas_kernels.layout.BlockLayout` are *scalar-prefetch* operands (SMEM), flattened
-  to 1-D (2-D SMEM arrays are padded); the per-step index maps do not depend on them;
-* K/V (forward, dQ) and Q/dO (dK/dV) are whole-sequence ``(None, S_pad, d_pad)`` blocks whose index only changes
-  with ``bh``: each is DMA'd into VMEM once per ``bh`` and sliced in the kernel with 32-row dynamic slices;
-* ``S`` is zero-padded to a multiple of 128 (``S_pad``; padded keys are masked, padded query blocks select nothing)
-  and ``d`` to a multiple of 128 (``d_pad``; zero columns change no dot product);
-* per-token values that the loops need along *lanes* (the key mask in forward/dQ, ``lse``/``delta`` in dK/dV) are
-  passed as ``[.., n_pad, 8, 32]`` "block rows" (sublane-broadcast) and read with a dynamic *leading* index;
-  values needed along *sublanes* (``lse``/``delta`` in dQ, the key mask in dK/dV) are ``[.., S_pad, 128]``
-  lane-broadcast arrays read in ``(None, 128, 128)`` blocks.  The forward writes ``lse`` in that lane-broadcast form.
+Visit list: one int32 word per (step, slot), ``major << 17 | minor << 3 | valid << 2 | first << 1 | last``; a row has
+``ceil(K / SLOTS) + n`` steps (enough for any selection; the steps after the last major block repeat it with no flag
+set).  The words are the kernels' only scalar-prefetch operand and live in SMEM (1 MiB on v4, v5e, v5p and v6e): a
+call takes as many batch·head rows as fit in ``SMEM_LIST_BYTES`` and a longer batch is split into calls writing into
+the same buffers (``input_output_aliases``), so the lists never outgrow SMEM.  Bounds: ``n = S / 32 <= 16,384``
+(S <= 524,288 tokens) and one row's list ``4 · SLOTS · (ceil(K / SLOTS) + n) <= SMEM_LIST_BYTES`` bytes (at 8 key
+blocks per query block and ``SLOTS = 4``: S <= 349,504 tokens).
 
-Only verified in interpret mode (``interpret=True`` or ``pltpu.InterpretParams()``) and by exporting for the TPU
-platform (Pallas -> Mosaic lowering); Mosaic compilation and speed on hardware are untested.
+VMEM per step: a few ``[32, d]`` blocks, double-buffered, and ``[32, d]`` + 2 × ``[32, 128]`` float32 scratch, for any
+sequence length.  Per-token values that the kernels need along *lanes* (the key mask in forward/dQ, ``lse``/``delta``
+in dK/dV) are ``[.., n, 8, 32]`` "block rows" (sublane-broadcast); values needed along *sublanes* (``lse``/``delta`` in
+dQ, the key mask in dK/dV) are ``[.., S, 128]`` lane-broadcast arrays.  The forward writes ``lse`` lane-broadcast.
 
-VMEM per step (double-buffered): forward ``2 * 2 * S_pad * d_pad * itemsize`` for K/V plus ``2 * n_pad * 4 KiB``
-for the mask rows (S = 4096, d = 128, bf16: ~5 MiB); dK/dV likewise for Q/dO plus the lse/delta rows (~6 MiB).
-SMEM holds ``4 * BH * (2 * n_pad + K)`` bytes of CSR lists.  ``vmem_limit_bytes`` raises Mosaic's scoped-VMEM limit.
+Verified in interpret mode (``interpret=True`` or ``pltpu.InterpretParams()``) and by libtpu's deviceless compile
+for v4, v5e, v5p and v6e; numerics and speed on TPU hardware are untested.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +48,155 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .layout import BlockLayout
 
-__all__ = ["BLOCK", "ROWS", "attention_backward", "attention_dkv", "attention_dq", "attention_forward"]
+__all__ = [
+    "BLOCK", "MAX_BLOCKS", "SLOTS", "SMEM_LIST_BYTES", "attention_backward", "attention_dkv", "attention_dq",
+    "attention_forward", "rows_per_call", "visit_words",
+]
 
 BLOCK = 32  # tokens per block (same as gpu.BLOCK)
-ROWS = 128  # tokens per grid step (4 blocks): sublane-aligned for every dtype, lane-dense for [.., S, 128] arrays
-_PER_STEP = ROWS // BLOCK
+SLOTS = 4  # minor blocks per grid step
+SMEM_LIST_BYTES = 512 * 1024  # visit-list bytes per call (SMEM is 1 MiB; Mosaic keeps some for itself)
+MAX_BLOCKS = 1 << 14  # blocks per side that a word's 14-bit fields can name
 _LANES = 128
 _SUBLANES = 8
 _NEG_INF = float("-inf")
+_MAJOR_SHIFT, _MINOR_SHIFT, _FIELD = 17, 3, MAX_BLOCKS - 1
+_VALID, _FIRST, _LAST = 4, 2, 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# visit lists
+
+
+def visit_words(start: jax.Array, count: jax.Array, minor: jax.Array, slots: int = SLOTS) -> jax.Array:
+    """The visit list of one CSR view (``row_*`` or ``col_*`` of a :class:`BlockLayout`): [BH, steps * slots] int32.
+
+    Major block ``i`` gets ``max(ceil(count[i] / slots), 1)`` consecutive steps holding its minor blocks in order;
+    the trailing steps repeat the last major block with no flag set.
+    """
+    bh, n = count.shape
+    kk = minor.shape[1]
+    if n > MAX_BLOCKS:
+        raise ValueError(f"{n} blocks per side exceed the TPU kernels' {MAX_BLOCKS} (S <= {MAX_BLOCKS * BLOCK} tokens)")
+    if kk == 0:
+        minor = jnp.zeros((bh, 1), jnp.int32)
+    steps = -(-kk // slots) + n
+    p = jnp.arange(steps, dtype=jnp.int32)
+    slot = jnp.arange(slots, dtype=jnp.int32)
+
+    def one(start, count, minor):
+        per_major = jnp.maximum((count + slots - 1) // slots, 1)
+        ends = jnp.cumsum(per_major)
+        major = jnp.minimum(jnp.searchsorted(ends, p, side="right"), n - 1).astype(jnp.int32)
+        local = p - (ends[major] - per_major[major])
+        within = p < ends[-1]
+        first = within & (local == 0)
+        last = within & (local == per_major[major] - 1)
+        t = local[:, None] * slots + slot[None, :]  # [steps, slots] position in the major block's list
+        valid = within[:, None] & (t < count[major][:, None])
+        ids = minor[jnp.clip(start[major][:, None] + t, 0, minor.shape[0] - 1)]
+        # an unused slot keeps the block of its last valid step (the pipeline then fetches nothing new)
+        held = lax.cummax(jnp.where(valid, p[:, None], -1), axis=0)
+        ids = jnp.where(held >= 0, jnp.take_along_axis(ids, jnp.maximum(held, 0), axis=0), 0)
+        flags = valid * _VALID + (first * _FIRST + last * _LAST)[:, None]
+        return ((major[:, None] << _MAJOR_SHIFT) | (ids << _MINOR_SHIFT) | flags).astype(jnp.int32).reshape(-1)
+
+    return jax.vmap(one)(start.astype(jnp.int32), count.astype(jnp.int32), minor.astype(jnp.int32))
+
+
+def rows_per_call(words_per_row: int) -> int:
+    """Batch·head rows whose visit lists fit ``SMEM_LIST_BYTES`` (a clear error if not even one does)."""
+    per_row = 4 * words_per_row
+    if per_row > SMEM_LIST_BYTES:
+        raise ValueError(
+            f"one batch·head row's block list needs {per_row} bytes of SMEM, over the TPU kernels' {SMEM_LIST_BYTES}: "
+            f"use fewer blocks per row or a shorter sequence"
+        )
+    return SMEM_LIST_BYTES // per_row
+
+
+def _major(w):
+    return lax.shift_right_logical(w, _MAJOR_SHIFT)
+
+
+def _minor(w):
+    return lax.bitwise_and(lax.shift_right_logical(w, _MINOR_SHIFT), _FIELD)
+
+
+def _flag(w, bit) -> jax.Array:
+    return lax.bitwise_and(w, bit) != 0
+
+
+def _word(words_ref, steps: int, slot: int):
+    """This grid step's word for ``slot`` (grid ``(row in call, step)``)."""
+    return words_ref[(pl.program_id(0) * steps + pl.program_id(1)) * SLOTS + slot]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one pallas_call per group of rows
+
+
+class _Operand:
+    """A kernel input: ``array`` read in ``block`` blocks at ``index(bh, major, minor)`` (``per_slot``: once per
+    slot, each slot's copy at that slot's minor block)."""
+
+    def __init__(self, array: jax.Array, block: tuple, index: Callable, per_slot: bool = False):
+        self.array, self.block, self.index, self.per_slot = array, block, index, per_slot
+
+
+def _spec(block: tuple, index: Callable, *, row0: int, steps: int, slot: int) -> pl.BlockSpec:
+    def index_map(c, p, words_ref):
+        w = words_ref[(c * steps + p) * SLOTS + slot]
+        return index(row0 + c, _major(w), _minor(w))
+
+    return pl.BlockSpec(block, index_map)
+
+
+def _streamed_call(
+    kernel: Callable, words: jax.Array, inputs: Sequence[_Operand], outputs: Sequence[tuple], scratch: Sequence,
+    *, name: str, interpret, vmem_limit_bytes: int | None,
+) -> list[jax.Array]:
+    """Run ``kernel`` over grid ``(rows, steps)`` in as many calls as SMEM needs; ``outputs`` are
+    ``(ShapeDtypeStruct, block, index)``.  Later calls write into the earlier calls' buffers (aliased, untouched)."""
+    bh, per_row = words.shape
+    steps = per_row // SLOTS
+    group = rows_per_call(per_row)
+    n_in = sum(SLOTS if op.per_slot else 1 for op in inputs)
+    results: list[jax.Array] = []
+    for row0 in range(0, bh, group):
+        rows = min(group, bh - row0)
+        kw = dict(row0=row0, steps=steps)
+        in_specs, args = [], []
+        for op in inputs:
+            for slot in range(SLOTS) if op.per_slot else (0,):
+                in_specs.append(_spec(op.block, op.index, slot=slot, **kw))
+                args.append(op.array)
+        aliases = {1 + n_in + t: t for t in range(len(results))}  # operand 0 is the visit list
+        in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * len(results)
+        args += results
+
+        def body(words_ref, *refs, n_alias=len(aliases)):  # noqa: B008 (bound per call on purpose)
+            kernel(words_ref, *refs[:n_in], *refs[n_in + n_alias :], steps=steps)
+
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(rows, steps),
+            in_specs=in_specs,
+            out_specs=[_spec(block, index, slot=0, **kw) for _, block, index in outputs],
+            scratch_shapes=list(scratch),
+        )
+        results = list(pl.pallas_call(
+            body,
+            grid_spec=grid_spec,
+            out_shape=[shape for shape, _, _ in outputs],
+            input_output_aliases=aliases,
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes
+            ),
+            interpret=interpret,
+            name=name,
+        )(words[row0 : row0 + rows].reshape(-1), *args))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,24 +217,6 @@ def _dot_nt(a, b, precision):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pad_to(x: jax.Array, s_pad: int, d_pad: int) -> jax.Array:
-    """Zero-pad [BH, S, d] to [BH, s_pad, d_pad]."""
-    _, s, d = x.shape
-    if (s, d) == (s_pad, d_pad):
-        return x
-    return jnp.pad(x, ((0, 0), (0, s_pad - s), (0, d_pad - d)))
-
-
-def _pad_seq(x: jax.Array, s_pad: int, value=0) -> jax.Array:
-    """Pad [N, S] to [N, s_pad] with ``value``."""
-    s = x.shape[1]
-    return x if s == s_pad else jnp.pad(x, ((0, 0), (0, s_pad - s)), constant_values=value)
-
-
 def _lane_bcast(x: jax.Array) -> jax.Array:
     """[N, S] -> [N, S, 128] (value repeated along lanes)."""
     return jnp.broadcast_to(x[:, :, None], (*x.shape, _LANES))
@@ -98,42 +225,26 @@ def _lane_bcast(x: jax.Array) -> jax.Array:
 def _block_rows(x: jax.Array) -> jax.Array:
     """[N, S] -> [N, S // 32, 8, 32]: block ``j``'s 32 values along lanes, repeated on 8 sublanes."""
     n_, s = x.shape
-    x = x.reshape(n_, s // BLOCK, 1, BLOCK)
-    return jnp.broadcast_to(x, (n_, s // BLOCK, _SUBLANES, BLOCK))
+    return jnp.broadcast_to(x.reshape(n_, s // BLOCK, 1, BLOCK), (n_, s // BLOCK, _SUBLANES, BLOCK))
 
 
-def _flat_csr(start: jax.Array, count: jax.Array, ids: jax.Array, n_pad: int):
-    """Flatten a CSR view to 1-D int32 (SMEM) and give the padded blocks an empty list."""
-    n = start.shape[1]
-    if n_pad != n:
-        start = jnp.pad(start, ((0, 0), (0, n_pad - n)))
-        count = jnp.pad(count, ((0, 0), (0, n_pad - n)))
-    return start.reshape(-1), count.reshape(-1), ids.reshape(-1)
-
-
-def _check(q, k, v, key_mask, layout: BlockLayout, num_heads: int) -> tuple[int, int, int, int]:
+def _check(q, k, v, key_mask, layout: BlockLayout, num_heads: int) -> None:
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share the shape [BH, S, d]; got {q.shape}, {k.shape}, {v.shape}")
-    bh, s, d = q.shape
+    bh, s, _ = q.shape
     if s % BLOCK:
         raise ValueError(f"sequence length {s} must be a multiple of {BLOCK}")
-    n = s // BLOCK
     if num_heads <= 0 or bh % num_heads:
         raise ValueError(f"BH={bh} is not a multiple of num_heads={num_heads}")
     if key_mask.shape != (bh // num_heads, s):
         raise ValueError(f"key_mask must be [B, S] = {(bh // num_heads, s)}, got {key_mask.shape}")
+    n = s // BLOCK
     if layout.row_start.shape != (bh, n) or layout.col_start.shape != (bh, n):
         raise ValueError(f"layout does not match BH={bh}, n={n}: row_start {layout.row_start.shape}")
-    return bh, s, d, layout.row_cols.shape[-1]
 
 
-def _geometry(s: int, d: int) -> tuple[int, int, int]:
-    s_pad = _round_up(s, ROWS)
-    return s_pad, s_pad // BLOCK, _round_up(d, _LANES)
-
-
-def _mask_i32(key_mask: jax.Array, s_pad: int) -> jax.Array:
-    return _pad_seq((lax.stop_gradient(key_mask) != 0).astype(jnp.int32), s_pad)
+def _mask_i32(key_mask: jax.Array) -> jax.Array:
+    return (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
 
 
 def _batch(bh, num_heads: int):
@@ -141,96 +252,71 @@ def _batch(bh, num_heads: int):
     return lax.div(bh, jnp.int32(num_heads))
 
 
-def _key_valid(mrow_ref, j) -> jax.Array:
-    """[32, 32] bool: validity of key block ``j``'s keys along lanes (from the ``[n_pad, 8, 32]`` block rows)."""
-    row = mrow_ref[j][:1, :]  # [1, 32] int32; broadcast the int32 row, then compare (no i1 broadcast)
-    return jnp.broadcast_to(row, (BLOCK, BLOCK)) != 0
+def _key_valid(mrow_ref) -> jax.Array:
+    """[32, 32] bool: a key block's validity along lanes (from its ``[8, 32]`` block row)."""
+    return jnp.broadcast_to(mrow_ref[:1, :], (BLOCK, BLOCK)) != 0  # broadcast the int32 row (no i1 broadcast)
 
 
-def _compiler_params(vmem_limit_bytes: int | None):
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes)
+def _seq_block(d: int) -> tuple:
+    return (None, BLOCK, d)
+
+
+def _at_major(bh, i, j):
+    return bh, i, 0
+
+
+def _at_minor(bh, i, j):
+    return bh, j, 0
+
+
+def _rows_at_minor(bh, i, j):
+    return bh, j, 0, 0
+
+
+def _kw(vmem_limit_bytes, interpret) -> dict:
+    return dict(interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # forward
 
 
-def _fwd_kernel(
-    start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, mrow_ref, o_ref, lse_ref, *, scale, precision, n_pad, kk
-):
-    b = pl.program_id(0)
-    step = pl.program_id(1)
-    dp = q_ref.shape[-1]
-    for r in range(_PER_STEP):  # the four query blocks of this step, each with its own key-block list
-        blk = b * n_pad + step * _PER_STEP + r
-        start = b * kk + start_ref[blk]
-        count = count_ref[blk]
-        rows = slice(r * BLOCK, (r + 1) * BLOCK)
-        q = q_ref[rows, :]
+def _fwd_kernel(words_ref, q_ref, *refs, scale, precision, steps):
+    k_refs, v_refs, m_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS], refs[2 * SLOTS : 3 * SLOTS]
+    o_ref, lse_ref, acc_ref, max_ref, den_ref = refs[3 * SLOTS :]
+    head = _word(words_ref, steps, 0)
 
-        def body(t, carry, q=q, start=start):
-            acc, m, denom = carry
-            j = cols_ref[start + t]
-            off = pl.multiple_of(j * BLOCK, BLOCK)
-            k = k_ref[pl.ds(off, BLOCK), :]
-            v = v_ref[pl.ds(off, BLOCK), :]
-            s = _dot_nt(q, k, precision) / scale  # [32 q, 32 k]
-            s = jnp.where(_key_valid(mrow_ref, j), s, _NEG_INF)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    @pl.when(_flag(head, _FIRST))
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        max_ref[...] = jnp.full(max_ref.shape, _NEG_INF, jnp.float32)
+        den_ref[...] = jnp.zeros(den_ref.shape, jnp.float32)
+
+    q = q_ref[...]
+    for slot in range(SLOTS):
+
+        @pl.when(_flag(_word(words_ref, steps, slot), _VALID))
+        def _update(slot=slot):
+            v = v_refs[slot][...]
+            s = _dot_nt(q, k_refs[slot][...], precision) / scale  # [32 q, 32 k]
+            s = jnp.where(_key_valid(m_refs[slot]), s, _NEG_INF)
+            m_prev = max_ref[...]  # [32, 128], lane-broadcast
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe)
-            denom = denom * alpha + jnp.sum(p, axis=1, keepdims=True)
-            acc = acc * alpha + _dot_nn(p.astype(v.dtype), v, precision)
-            return acc, m_new, denom
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.exp(s - m_safe[:, :1])
+            den_ref[...] = den_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+            acc_ref[...] = acc_ref[...] * alpha[:, :1] + _dot_nn(p.astype(v.dtype), v, precision)
+            max_ref[...] = m_new
 
-        init = (
-            jnp.zeros((BLOCK, dp), jnp.float32),
-            jnp.full((BLOCK, 1), _NEG_INF, jnp.float32),
-            jnp.zeros((BLOCK, 1), jnp.float32),
-        )
-        acc, m, denom = lax.fori_loop(0, count, body, init)
-        pos = denom > 0.0  # [32, 1]; every select below is between same-shape operands
+    @pl.when(_flag(head, _LAST))
+    def _finish():
+        denom = den_ref[...][:, :1]
+        pos = denom > 0.0  # acc is exactly 0 where denom == 0
         denom_safe = jnp.where(pos, denom, 1.0)
-        inv = jnp.where(pos, 1.0 / denom_safe, 0.0)  # acc is exactly 0 where denom == 0
-        o_ref[rows, :] = (acc * inv).astype(o_ref.dtype)
-        lse = jnp.where(pos, m + jnp.log(denom_safe), _NEG_INF)
-        lse_ref[rows, :] = jnp.broadcast_to(lse, (BLOCK, _LANES))
-
-
-def _forward_padded(q, k, v, key_mask, layout, *, scale, num_heads, interpret, vmem_limit_bytes):
-    """Forward on padded operands: returns ``o`` [BH, S_pad, d_pad] and lane-broadcast ``lse`` [BH, S_pad, 128]."""
-    bh, s, d, kk = _check(q, k, v, key_mask, layout, num_heads)
-    s_pad, n_pad, dp = _geometry(s, d)
-    qp, kp, vp = (_pad_to(x, s_pad, dp) for x in (q, k, v))
-    mrow = _block_rows(_mask_i32(key_mask, s_pad))  # [B, n_pad, 8, 32]
-    h = num_heads
-    kernel = functools.partial(_fwd_kernel, scale=float(scale), precision=_precision(q.dtype), n_pad=n_pad, kk=kk)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(bh, s_pad // ROWS),
-        in_specs=[
-            pl.BlockSpec((None, ROWS, dp), lambda b, i, *_: (b, i, 0)),
-            pl.BlockSpec((None, s_pad, dp), lambda b, i, *_: (b, 0, 0)),
-            pl.BlockSpec((None, s_pad, dp), lambda b, i, *_: (b, 0, 0)),
-            pl.BlockSpec((None, n_pad, _SUBLANES, BLOCK), lambda b, i, *_: (_batch(b, h), 0, 0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, ROWS, dp), lambda b, i, *_: (b, i, 0)),
-            pl.BlockSpec((None, ROWS, _LANES), lambda b, i, *_: (b, i, 0)),
-        ],
-    )
-    return pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=(
-            jax.ShapeDtypeStruct((bh, s_pad, dp), q.dtype),
-            jax.ShapeDtypeStruct((bh, s_pad, _LANES), jnp.float32),
-        ),
-        compiler_params=_compiler_params(vmem_limit_bytes),
-        interpret=interpret,
-        name="block_sparse_attention_tpu_fwd",
-    )(*_flat_csr(layout.row_start, layout.row_count, layout.row_cols, n_pad), qp, kp, vp, mrow)
+        o_ref[...] = (acc_ref[...] * jnp.where(pos, 1.0 / denom_safe, 0.0)).astype(o_ref.dtype)
+        lse = jnp.where(pos, max_ref[...][:, :1] + jnp.log(denom_safe), _NEG_INF)
+        lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
 def attention_forward(
@@ -249,97 +335,94 @@ def attention_forward(
 
     ``interpret``: ``False`` (Mosaic), ``True`` or ``pltpu.InterpretParams(...)`` (CPU interpreters).
     """
-    _, s, d = q.shape
-    o, lse = _forward_padded(
-        q, k, v, key_mask, layout, scale=scale, num_heads=num_heads, interpret=interpret,
-        vmem_limit_bytes=vmem_limit_bytes,
+    _check(q, k, v, key_mask, layout, num_heads)
+    bh, s, d = q.shape
+    words = visit_words(layout.row_start, layout.row_count, layout.row_cols)
+    h = num_heads
+    mrow = _block_rows(_mask_i32(key_mask))  # [B, n, 8, 32]
+    o, lse = _streamed_call(
+        functools.partial(_fwd_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        words,
+        [
+            _Operand(q, _seq_block(d), _at_major),
+            _Operand(k, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(v, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(mrow, (None, None, _SUBLANES, BLOCK), lambda b, i, j: (_batch(b, h), j, 0, 0), per_slot=True),
+        ],
+        [
+            (jax.ShapeDtypeStruct((bh, s, d), q.dtype), _seq_block(d), _at_major),
+            (jax.ShapeDtypeStruct((bh, s, _LANES), jnp.float32), _seq_block(_LANES), _at_major),
+        ],
+        [pltpu.VMEM((BLOCK, d), jnp.float32), pltpu.VMEM((BLOCK, _LANES), jnp.float32),
+         pltpu.VMEM((BLOCK, _LANES), jnp.float32)],
+        name="block_sparse_attention_tpu_fwd",
+        **_kw(vmem_limit_bytes, interpret),
     )
-    return o[:, :s, :d], lse[:, :s, 0]
+    return o, lse[:, :, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # backward
 
 
-def _dq_kernel(
-    start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, mrow_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-    precision, n_pad, kk,
-):
-    b = pl.program_id(0)
-    step = pl.program_id(1)
-    for r in range(_PER_STEP):
-        blk = b * n_pad + step * _PER_STEP + r
-        start = b * kk + start_ref[blk]
-        count = count_ref[blk]
-        rows = slice(r * BLOCK, (r + 1) * BLOCK)
-        q = q_ref[rows, :]
-        do = do_ref[rows, :]
-        lse = lse_ref[rows, :BLOCK]  # [32, 32]: the row's lse repeated along lanes
-        lse = jnp.where(lse == _NEG_INF, 0.0, lse)  # such rows have no valid key: every p below is exp(-inf) = 0
-        delta = delta_ref[rows, :BLOCK]
+def _dq_kernel(words_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, scale, precision, steps):
+    k_refs, v_refs, m_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS], refs[2 * SLOTS : 3 * SLOTS]
+    dq_ref, acc_ref = refs[3 * SLOTS :]
+    head = _word(words_ref, steps, 0)
 
-        def body(t, dq, q=q, do=do, lse=lse, delta=delta, start=start):
-            j = cols_ref[start + t]
-            off = pl.multiple_of(j * BLOCK, BLOCK)
-            k = k_ref[pl.ds(off, BLOCK), :]
-            v = v_ref[pl.ds(off, BLOCK), :]
+    @pl.when(_flag(head, _FIRST))
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    q, do = q_ref[...], do_ref[...]
+    lse = lse_ref[:, :BLOCK]  # [32, 32]: the row's lse repeated along lanes
+    lse = jnp.where(lse == _NEG_INF, 0.0, lse)  # such rows have no valid key: every p below is exp(-inf) = 0
+    delta = delta_ref[:, :BLOCK]
+    for slot in range(SLOTS):
+
+        @pl.when(_flag(_word(words_ref, steps, slot), _VALID))
+        def _update(slot=slot):
+            k = k_refs[slot][...]
             s = _dot_nt(q, k, precision) / scale
-            s = jnp.where(_key_valid(mrow_ref, j), s, _NEG_INF)
-            p = jnp.exp(s - lse)
-            dp = _dot_nt(do, v, precision)
-            ds = p * (dp - delta)
-            return dq + _dot_nn(ds.astype(k.dtype), k, precision)
+            p = jnp.exp(jnp.where(_key_valid(m_refs[slot]), s, _NEG_INF) - lse)
+            ds = p * (_dot_nt(do, v_refs[slot][...], precision) - delta)
+            acc_ref[...] += _dot_nn(ds.astype(k.dtype), k, precision)
 
-        dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
-        dq_ref[rows, :] = (dq / scale).astype(dq_ref.dtype)
+    @pl.when(_flag(head, _LAST))
+    def _finish():
+        dq_ref[...] = (acc_ref[...] / scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    start_ref, count_ref, qrows_ref, q_ref, k_ref, v_ref, mcol_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-    scale, precision, n_pad, kk,
-):
-    b = pl.program_id(0)
-    step = pl.program_id(1)
-    for r in range(_PER_STEP):  # the four key blocks of this step, each with its own query-block list
-        blk = b * n_pad + step * _PER_STEP + r
-        start = b * kk + start_ref[blk]
-        count = count_ref[blk]
-        rows = slice(r * BLOCK, (r + 1) * BLOCK)
-        k = k_ref[rows, :]
-        v = v_ref[rows, :]
-        valid = mcol_ref[rows, :BLOCK] != 0  # [32 k, 32]: key validity repeated along lanes
+def _dkv_kernel(words_ref, k_ref, v_ref, mcol_ref, *refs, scale, precision, steps):
+    q_refs, do_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS]
+    lse_refs, delta_refs = refs[2 * SLOTS : 3 * SLOTS], refs[3 * SLOTS : 4 * SLOTS]
+    dk_ref, dv_ref, dk_acc, dv_acc = refs[4 * SLOTS :]
+    head = _word(words_ref, steps, 0)
 
-        def body(t, carry, k=k, v=v, valid=valid, start=start):
-            dk, dv = carry
-            i = qrows_ref[start + t]
-            off = pl.multiple_of(i * BLOCK, BLOCK)
-            q = q_ref[pl.ds(off, BLOCK), :]
-            do = do_ref[pl.ds(off, BLOCK), :]
-            lse = lse_ref[i][:1, :]  # [1, 32 q]
+    @pl.when(_flag(head, _FIRST))
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    k, v = k_ref[...], v_ref[...]
+    valid = mcol_ref[:, :BLOCK] != 0  # [32 k, 32]: key validity repeated along lanes
+    for slot in range(SLOTS):
+
+        @pl.when(_flag(_word(words_ref, steps, slot), _VALID))
+        def _update(slot=slot):
+            q, do = q_refs[slot][...], do_refs[slot][...]
+            lse = lse_refs[slot][:1, :]  # [1, 32 q]
             lse = jnp.where(lse == _NEG_INF, 0.0, lse)
-            delta = delta_ref[i][:1, :]
             s_t = _dot_nt(k, q, precision) / scale  # [32 k, 32 q]
-            s_t = jnp.where(valid, s_t, _NEG_INF)
-            p_t = jnp.exp(s_t - lse)
-            dv = dv + _dot_nn(p_t.astype(do.dtype), do, precision)
-            dp_t = _dot_nt(v, do, precision)
-            ds_t = p_t * (dp_t - delta)
-            dk = dk + _dot_nn(ds_t.astype(q.dtype), q, precision)
-            return dk, dv
+            p_t = jnp.exp(jnp.where(valid, s_t, _NEG_INF) - lse)
+            dv_acc[...] += _dot_nn(p_t.astype(do.dtype), do, precision)
+            ds_t = p_t * (_dot_nt(v, do, precision) - delta_refs[slot][:1, :])
+            dk_acc[...] += _dot_nn(ds_t.astype(q.dtype), q, precision)
 
-        init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        dk, dv = lax.fori_loop(0, count, body, init)
-        dk_ref[rows, :] = (dk / scale).astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-
-
-def _prepare_bwd(q, k, v, key_mask, layout, lse, do, delta, num_heads):
-    bh, s, d, kk = _check(q, k, v, key_mask, layout, num_heads)
-    s_pad, n_pad, dp = _geometry(s, d)
-    qp, kp, vp, dop = (_pad_to(x, s_pad, dp) for x in (q, k, v, do.astype(q.dtype)))
-    lse = _pad_seq(lse.astype(jnp.float32), s_pad, _NEG_INF)
-    delta = _pad_seq(delta.astype(jnp.float32), s_pad)
-    return bh, s, d, kk, s_pad, n_pad, dp, (qp, kp, vp, dop), lse, delta
+    @pl.when(_flag(head, _LAST))
+    def _finish():
+        dk_ref[...] = (dk_acc[...] / scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 def attention_dq(
@@ -347,40 +430,29 @@ def attention_dq(
     vmem_limit_bytes: int | None = None,
 ) -> jax.Array:
     """dQ [BH, S, d]; ``delta = rowsum(o * do) - dlse`` [BH, S] float32, ``lse`` [BH, S] from the forward."""
-    bh, s, d, kk, s_pad, n_pad, dp, (qp, kp, vp, dop), lse, delta = _prepare_bwd(
-        q, k, v, key_mask, layout, lse, do, delta, num_heads
-    )
+    _check(q, k, v, key_mask, layout, num_heads)
+    bh, s, d = q.shape
     h = num_heads
-    kernel = functools.partial(_dq_kernel, scale=float(scale), precision=_precision(q.dtype), n_pad=n_pad, kk=kk)
-    row_blk = pl.BlockSpec((None, ROWS, dp), lambda b, i, *_: (b, i, 0))
-    seq_blk = pl.BlockSpec((None, s_pad, dp), lambda b, i, *_: (b, 0, 0))
-    lane_blk = pl.BlockSpec((None, ROWS, _LANES), lambda b, i, *_: (b, i, 0))
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(bh, s_pad // ROWS),
-        in_specs=[
-            row_blk,
-            seq_blk,
-            seq_blk,
-            pl.BlockSpec((None, n_pad, _SUBLANES, BLOCK), lambda b, i, *_: (_batch(b, h), 0, 0, 0)),
-            row_blk,
-            lane_blk,
-            lane_blk,
+    words = visit_words(layout.row_start, layout.row_count, layout.row_cols)
+    (dq,) = _streamed_call(
+        functools.partial(_dq_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        words,
+        [
+            _Operand(q, _seq_block(d), _at_major),
+            _Operand(do.astype(q.dtype), _seq_block(d), _at_major),
+            _Operand(_lane_bcast(lse.astype(jnp.float32)), _seq_block(_LANES), _at_major),
+            _Operand(_lane_bcast(delta.astype(jnp.float32)), _seq_block(_LANES), _at_major),
+            _Operand(k, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(v, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(_block_rows(_mask_i32(key_mask)), (None, None, _SUBLANES, BLOCK),
+                     lambda b, i, j: (_batch(b, h), j, 0, 0), per_slot=True),
         ],
-        out_specs=row_blk,
-    )
-    dq = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((bh, s_pad, dp), q.dtype),
-        compiler_params=_compiler_params(vmem_limit_bytes),
-        interpret=interpret,
+        [(jax.ShapeDtypeStruct((bh, s, d), q.dtype), _seq_block(d), _at_major)],
+        [pltpu.VMEM((BLOCK, d), jnp.float32)],
         name="block_sparse_attention_tpu_dq",
-    )(
-        *_flat_csr(layout.row_start, layout.row_count, layout.row_cols, n_pad), qp, kp, vp,
-        _block_rows(_mask_i32(key_mask, s_pad)), dop, _lane_bcast(lse), _lane_bcast(delta),
+        **_kw(vmem_limit_bytes, interpret),
     )
-    return dq[:, :s, :d]
+    return dq
 
 
 def attention_dkv(
@@ -388,40 +460,32 @@ def attention_dkv(
     vmem_limit_bytes: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(dK, dV) [BH, S, d] via the column view; key blocks nobody selected get zeros."""
-    bh, s, d, kk, s_pad, n_pad, dp, (qp, kp, vp, dop), lse, delta = _prepare_bwd(
-        q, k, v, key_mask, layout, lse, do, delta, num_heads
-    )
+    _check(q, k, v, key_mask, layout, num_heads)
+    bh, s, d = q.shape
     h = num_heads
-    kernel = functools.partial(_dkv_kernel, scale=float(scale), precision=_precision(q.dtype), n_pad=n_pad, kk=kk)
-    row_blk = pl.BlockSpec((None, ROWS, dp), lambda b, i, *_: (b, i, 0))
-    seq_blk = pl.BlockSpec((None, s_pad, dp), lambda b, i, *_: (b, 0, 0))
-    brow_blk = pl.BlockSpec((None, n_pad, _SUBLANES, BLOCK), lambda b, i, *_: (b, 0, 0, 0))
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(bh, s_pad // ROWS),
-        in_specs=[
-            seq_blk,
-            row_blk,
-            row_blk,
-            pl.BlockSpec((None, ROWS, _LANES), lambda b, i, *_: (_batch(b, h), i, 0)),
-            seq_blk,
-            brow_blk,
-            brow_blk,
+    words = visit_words(layout.col_start, layout.col_count, layout.col_rows)
+    rows_block = (None, None, _SUBLANES, BLOCK)
+    dk, dv = _streamed_call(
+        functools.partial(_dkv_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        words,
+        [
+            _Operand(k, _seq_block(d), _at_major),
+            _Operand(v, _seq_block(d), _at_major),
+            _Operand(_lane_bcast(_mask_i32(key_mask)), _seq_block(_LANES), lambda b, j, i: (_batch(b, h), j, 0)),
+            _Operand(q, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(do.astype(q.dtype), _seq_block(d), _at_minor, per_slot=True),
+            _Operand(_block_rows(lse.astype(jnp.float32)), rows_block, _rows_at_minor, per_slot=True),
+            _Operand(_block_rows(delta.astype(jnp.float32)), rows_block, _rows_at_minor, per_slot=True),
         ],
-        out_specs=[row_blk, row_blk],
-    )
-    dk, dv = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=(jax.ShapeDtypeStruct((bh, s_pad, dp), k.dtype), jax.ShapeDtypeStruct((bh, s_pad, dp), v.dtype)),
-        compiler_params=_compiler_params(vmem_limit_bytes),
-        interpret=interpret,
+        [
+            (jax.ShapeDtypeStruct((bh, s, d), k.dtype), _seq_block(d), _at_major),
+            (jax.ShapeDtypeStruct((bh, s, d), v.dtype), _seq_block(d), _at_major),
+        ],
+        [pltpu.VMEM((BLOCK, d), jnp.float32), pltpu.VMEM((BLOCK, d), jnp.float32)],
         name="block_sparse_attention_tpu_dkv",
-    )(
-        *_flat_csr(layout.col_start, layout.col_count, layout.col_rows, n_pad), qp, kp, vp,
-        _lane_bcast(_mask_i32(key_mask, s_pad)), dop, _block_rows(lse), _block_rows(delta),
+        **_kw(vmem_limit_bytes, interpret),
     )
-    return dk[:, :s, :d], dv[:, :s, :d]
+    return dk, dv
 
 
 def attention_backward(

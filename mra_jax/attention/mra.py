@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ from mra_jax.attention.low_resolution import low_resolution
 from mra_jax.attention.selection import select_blocks, selected_pair_mask
 from mra_jax.configuration import BLOCK_SIZE
 
-IMPLEMENTATIONS = (None, "reference", "pallas")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu")
 APPROX_MODES = ("full", "sparse")
 
 
@@ -65,9 +66,10 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
         (selected pairs only).
       initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks: HF's priors forcing pairs into the selection.
       implementation: ``None`` (best for the backend: the Pallas kernels on GPU and TPU, the jnp reference on CPU),
-        ``"reference"`` (jnp gathers and segment sums) or ``"pallas"`` (the GPU or TPU kernels; the GPU ones in
-        interpret mode on CPU). The TPU kernels are checked in interpret mode and by export for TPU, not yet on TPU
-        hardware: pass ``"reference"`` if they fail to compile there.
+        ``"reference"`` (jnp gathers and segment sums), ``"pallas"`` (the platform's kernels: the TPU ones on a TPU,
+        else the GPU ones; interpret mode on CPU), or a kernel family named explicitly: ``"pallas_gpu"`` /
+        ``"pallas_tpu"`` (interpret mode on CPU, e.g. to test the TPU kernels there). The TPU kernels are checked
+        in interpret mode and by libtpu's deviceless compile, not yet on TPU hardware.
       platform: the platform whose kernels to choose (``"gpu"``, ``"tpu"``, ``"cpu"``); ``None`` =
         ``jax.default_backend()``. Set it when compiling ahead of time for another platform.
 
@@ -77,12 +79,29 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
     """
     _check_inputs(query, key, value, mask, approx_mode, implementation, initial_prior_first_n_blocks,
                   initial_prior_diagonal_n_blocks)
-    batch, seq, _, head_dim = query.shape
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) or num_blocks < 1:
         raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+    backend = jax.default_backend() if platform is None else platform
+    if implementation is None:
+        implementation = "pallas" if backend in ("gpu", "tpu") else "reference"
+    if implementation == "pallas":
+        implementation = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+    n = -(-query.shape[1] // BLOCK_SIZE)
+    return _mra_attention(query, key, value, mask, num_blocks=min(int(num_blocks), n * n), full=approx_mode == "full",
+                          first_n=int(initial_prior_first_n_blocks), diagonal_n=int(initial_prior_diagonal_n_blocks),
+                          implementation=implementation,  # kernels of another platform run interpreted
+                          interpret=implementation != "reference" and backend != implementation.removeprefix("pallas_"))
+
+
+@functools.partial(jax.jit, static_argnames=("num_blocks", "full", "first_n", "diagonal_n", "implementation",
+                                             "interpret"))
+def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, num_blocks: int,
+                   full: bool, first_n: int, diagonal_n: int, implementation: str, interpret: bool) -> jax.Array:
+    """`mra_attention` on checked arguments, jitted (one compiled program for an eager call instead of hundreds of
+    small ones; inlined under an outer ``jax.jit``)."""
+    batch, seq, _, head_dim = query.shape
     n = -(-seq // BLOCK_SIZE)
     padded = n * BLOCK_SIZE
-    num_blocks = min(num_blocks, n * n)
     scale = math.sqrt(head_dim)
 
     mask = jnp.ones((batch, seq), jnp.int32) if mask is None else token_mask(mask)
@@ -92,20 +111,15 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
                * mask[:, None, :, None].astype(x.dtype) for x in (query, key, value))
     head_mask = mask[:, None, :]
 
-    full = approx_mode == "full"
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     low = low_resolution(f32[0], f32[1], f32[2] if full else None, head_mask, scale)
     if not full:
         low = jax.tree.map(jax.lax.stop_gradient, low)
-    indices = select_blocks(low.scores, num_blocks, initial_prior_first_n_blocks,
-                            initial_prior_diagonal_n_blocks)
-    backend = jax.default_backend() if platform is None else platform
-    if implementation is None:
-        implementation = "pallas" if backend in ("gpu", "tpu") else "reference"
-    if implementation == "pallas":
-        kernels = "tpu" if backend == "tpu" else "gpu"
-        high = high_resolution_pallas(q, k, v, mask, indices, scale, kernels, interpret=backend == "cpu")
-    else:
+    indices = select_blocks(low.scores, num_blocks, first_n, diagonal_n)
+    if implementation == "reference":
         high = high_resolution_reference(q, k, v, mask, indices, scale)
+    else:
+        kernels = implementation.removeprefix("pallas_")
+        high = high_resolution_pallas(q, k, v, mask, indices, scale, kernels, interpret=interpret)
     out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)
     return out.transpose(0, 2, 1, 3)[:, :seq].astype(query.dtype)
