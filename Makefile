@@ -25,6 +25,7 @@ $(VENV)/.test: $(VENV)/.train
 	fi
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python scripts/install_libtpu.py || echo "(libtpu could not be installed: the TPU compile test will skip)"
 	touch $@
 
 venv: $(VENV)/.test

@@ -94,10 +94,12 @@ def visit_words(start: jax.Array, count: jax.Array, minor: jax.Array, slots: int
         last = within & (local == per_major[major] - 1)
         t = local[:, None] * slots + slot[None, :]  # [steps, slots] position in the major block's list
         valid = within[:, None] & (t < count[major][:, None])
-        ids = minor[jnp.clip(start[major][:, None] + t, 0, minor.shape[0] - 1)]
+        ids = jnp.take(minor, (start[major][:, None] + t).reshape(-1), mode="clip").reshape(t.shape)
         # an unused slot keeps the block of its last valid step (the pipeline then fetches nothing new)
-        held = lax.cummax(jnp.where(valid, p[:, None], -1), axis=0)
-        ids = jnp.where(held >= 0, jnp.take_along_axis(ids, jnp.maximum(held, 0), axis=0), 0)
+        # (associative_scan and clip-mode takes: lax.cummax and fill-mode gathers take minutes in XLA:TPU's compiler)
+        held = lax.associative_scan(jnp.maximum, jnp.where(valid, p[:, None], -1), axis=0)
+        held_at = (jnp.maximum(held, 0) * slots + slot[None, :]).reshape(-1)
+        ids = jnp.where(held >= 0, jnp.take(ids.reshape(-1), held_at, mode="clip").reshape(t.shape), 0)
         flags = valid * _VALID + (first * _FIRST + last * _LAST)[:, None]
         return ((major[:, None] << _MAJOR_SHIFT) | (ids << _MINOR_SHIFT) | flags).astype(jnp.int32).reshape(-1)
 

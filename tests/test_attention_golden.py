@@ -22,27 +22,11 @@ def test_every_golden_file_is_covered():
     assert len(ATTN_FILES) == 5
 
 
-@pytest.mark.parametrize("implementation", ["reference", "pallas"])
+@pytest.mark.parametrize("implementation", ["reference", "pallas_gpu", "pallas_tpu"])
 @pytest.mark.parametrize("name", ATTN_FILES)
 def test_outputs_and_gradients_match_hf_cuda(name, implementation):
-    """Both stage-3 implementations; the Pallas kernels (the GPU ones) run in interpret mode on a CPU."""
+    """The jnp reference and both kernel families (interpret mode on a CPU) inside `mra_attention`."""
     _check_golden(name, implementation)
-
-
-@pytest.mark.parametrize("name", ["attn_l512_sparse_pad.npz"])
-def test_tpu_kernels_through_mra_attention_match_hf_cuda(name, monkeypatch):
-    """The TPU kernels, in the TPU interpreter, inside `mra_attention` (which on a CPU would pick the GPU ones)."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    import mra_jax.attention.mra as mra
-
-    def tpu_kernels(q, k, v, mask, indices, scale, backend, interpret):
-        assert backend == "gpu" and interpret is True  # what mra_attention chose on this CPU
-        return pallas_high(q, k, v, mask, indices, scale, "tpu", pltpu.InterpretParams())
-
-    pallas_high = mra.high_resolution_pallas
-    monkeypatch.setattr(mra, "high_resolution_pallas", tpu_kernels)
-    _check_golden(name, "pallas")
 
 
 def _check_golden(name: str, implementation: str) -> None:

@@ -15,6 +15,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_cases
 import pytest
 from conftest import rel_err as _rel
 from jax.experimental.pallas import tpu as pltpu
@@ -114,20 +115,71 @@ def test_tpu_lse_only_and_o_only_cotangents():
             assert _rel(g, g_ref) < 2e-5
 
 
-def test_tpu_forward_lane_dense_lse():
-    """The padded forward writes lse broadcast over 128 lanes; the padded rows/columns are -inf / zero."""
-    q, k, v, key_mask, indices, _, _ = _problem(5, b=2, h=1, s=96, d=16, dtype=jnp.float32, sel="random",
-                                                mask_kind="none", k=4)
-    lay = build_block_layout(indices, 3)
-    o, lse = jax.jit(
-        functools.partial(tpu_kernels._forward_padded, scale=SCALE, num_heads=1, interpret=pltpu.InterpretParams(),
-                          vmem_limit_bytes=None)
-    )(q, k, v, key_mask, lay)
-    assert o.shape == (2, 128, 128) and lse.shape == (2, 128, 128)
-    lse = np.asarray(lse)
-    np.testing.assert_array_equal(lse, np.broadcast_to(lse[..., :1], lse.shape))
-    o = np.asarray(o)
-    assert np.isneginf(lse[:, 96:]).all() and (o[:, 96:] == 0).all() and (o[..., 16:] == 0).all()
+def _decode(words: np.ndarray) -> dict[str, np.ndarray]:
+    w = words.reshape(words.shape[0], -1, tpu_kernels.SLOTS)
+    return dict(major=w >> 17, minor=(w >> 3) & (tpu_kernels.MAX_BLOCKS - 1), valid=(w & 4) != 0,
+                first=(w[..., 0] & 2) != 0, last=(w[..., 0] & 1) != 0)
+
+
+@pytest.mark.parametrize("view", ["row", "col"])
+def test_visit_lists_walk_every_csr_list_once(view):
+    """Each major block's steps are consecutive (first / last flagged, one step when its list is empty) and hold its
+    list in order; an unused slot repeats the block it held before (no new DMA); trailing steps change nothing."""
+    n, k = 7, 15
+    indices = jnp.asarray(pallas_cases.selection(np.random.default_rng(0), 3, n, k, "skewed"))
+    lay = build_block_layout(indices, n)
+    start, count, ids = (getattr(lay, f"{view}_{f}") for f in (("start", "count", "cols") if view == "row"
+                                                               else ("start", "count", "rows")))
+    words = np.asarray(tpu_kernels.visit_words(start, count, ids))
+    start, count, ids = (np.asarray(x) for x in (start, count, ids))
+    d = _decode(words)
+    steps = d["major"].shape[1]
+    assert steps == -(-k // tpu_kernels.SLOTS) + n
+    for r in range(3):
+        assert (count[r] == 0).any()
+        major = d["major"][r, :, 0]
+        assert (d["major"][r] == major[:, None]).all() and (np.diff(major) >= 0).all()
+        for i in range(n):
+            at = np.flatnonzero(major == i)
+            used = at[: max(-(-count[r, i] // tpu_kernels.SLOTS), 1)]
+            assert len(at) == len(used) or (i == n - 1 and at[-1] == steps - 1)  # the last one also has the tail
+            assert d["first"][r, used].tolist() == [True] + [False] * (len(used) - 1)
+            assert d["last"][r, used].tolist() == [False] * (len(used) - 1) + [True]
+            got = d["minor"][r, used][d["valid"][r, used]]
+            np.testing.assert_array_equal(got, ids[r, start[r, i] : start[r, i] + count[r, i]])
+        tail = np.arange(steps) > np.flatnonzero(d["last"][r]).max()
+        assert not (d["valid"][r, tail].any() or d["first"][r, tail].any() or d["last"][r, tail].any())
+        for p in range(1, steps):
+            unused = ~d["valid"][r, p]
+            assert (d["minor"][r, p, unused] == d["minor"][r, p - 1, unused]).all()
+
+
+def test_rows_beyond_one_calls_smem_are_split_into_calls(monkeypatch):
+    """With room for two rows' lists per call, six rows take three calls (writing into one aliased buffer) and
+    give the same values and gradients; a row whose list alone does not fit is refused by name."""
+    b, h, s, d = 3, 2, 128, 32
+    q, k, v, key_mask, indices, w1, w2 = _problem(11, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="skewed",
+                                                  mask_kind="padded")
+    whole = _loss_and_grad(_tpu(True), key_mask, indices, w1, w2, h)(q, k, v)
+    words = -(-indices.shape[1] // tpu_kernels.SLOTS) + s // BLOCK
+    monkeypatch.setattr(tpu_kernels, "SMEM_LIST_BYTES", 2 * 4 * tpu_kernels.SLOTS * words)
+    assert tpu_kernels.rows_per_call(tpu_kernels.SLOTS * words) == 2
+    fn = functools.partial(_tpu(), scale=SCALE, num_heads=h)
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v, key_mask, indices))
+    assert jaxpr.count("name=block_sparse_attention_tpu_fwd") == 3
+    split = _loss_and_grad(_tpu(), key_mask, indices, w1, w2, h)(q, k, v)
+    for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(split), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(tpu_kernels, "SMEM_LIST_BYTES", 4 * tpu_kernels.SLOTS * words - 4)
+    with pytest.raises(ValueError, match="bytes of SMEM"):
+        fn(q, k, v, key_mask, indices)
+
+
+def test_more_blocks_than_a_visit_word_can_name_are_refused():
+    n = tpu_kernels.MAX_BLOCKS + 1
+    zeros = jnp.zeros((1, n), jnp.int32)
+    with pytest.raises(ValueError, match="blocks per side exceed"):
+        tpu_kernels.visit_words(zeros, zeros, jnp.zeros((1, 1), jnp.int32))
 
 
 def test_backend_is_validated():

@@ -242,3 +242,43 @@ def test_remat_policies_give_the_same_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="remat must be one of"):
         RuntimeOptions(remat="some")
+
+
+def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(tmp_path):
+    """Two well-formed checkpoints; one's parameter files swapped for the other's decode fine but are refused by
+    the checksums written at save time (per array and shard, on an 8-device mesh); the intact one restores."""
+    import shutil
+
+    import grain
+
+    from mra_jax.training.checkpointing import TrainCheckpoints
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    tiny = mra_jax.MraConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                             intermediate_size=8, max_position_embeddings=64)
+    ckpts = TrainCheckpoints(tmp_path / "ckpt")
+    optimizer = optax.adam(1e-3)
+    states = []
+    for step in (1, 2):
+        params = {"w": jax.device_put(jnp.full((16, 4), float(step)), rows), "b": jnp.arange(3.0) * step}
+        state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optimizer.init(params))
+        data = iter(grain.MapDataset.range(10).to_iter_dataset())
+        ckpts.save(state, data, tiny, {"seed": 0})
+        states.append(state)
+    ckpts.wait()
+    assert (tmp_path / "ckpt" / "2" / "checksums").is_dir()
+    shardings = jax.tree.map(lambda x: x.sharding, states[1])
+
+    def restore(step):
+        return ckpts.restore(step, states[1], shardings, iter(grain.MapDataset.range(10).to_iter_dataset()))
+
+    restored, meta = restore(2)
+    np.testing.assert_array_equal(np.asarray(restored.params["w"]), 2.0)
+    assert meta["step"] == 2
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "params")
+    shutil.copytree(tmp_path / "ckpt" / "1" / "params", tmp_path / "ckpt" / "2" / "params")
+    with pytest.raises(ValueError, match=r"ckpt/2 is corrupted: the content of \['params'\]\['b'\], "
+                                         r"\['params'\]\['w'\] differs from the checksums"):
+        restore(2)
+    ckpts.close()

@@ -3,18 +3,22 @@ and the model's config, saved asynchronously; a step is visible only once comple
 
 Layout of ``<output_dir>/checkpoints/<step>/``: ``params/`` (the same PyTree as `save_pretrained`'s, so the step
 directory loads with ``MraForMaskedLM.from_pretrained`` and ``scripts/export_to_hf.py``), ``opt_state/``,
-``data/`` (grain iterator state, one file per process), ``meta/`` (step, seed) and ``model_config/`` (HF's
-config.json).
+``data/`` (grain iterator state, one file per process), ``meta/`` (step, seed), ``model_config/`` (HF's
+config.json) and ``checksums/`` (sha256 of every array shard of ``params`` and ``opt_state``, by array and the
+shard's global slice, as the primary process held them; verified on restore wherever the restoring process holds
+the same slice, so that bytes that changed on disk but still decode are refused).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -23,6 +27,26 @@ from mra_jax.configuration import MraConfig
 from mra_jax.training.step import TrainState, key_path
 
 MODEL_CONFIG_ITEM = "model_config"
+CHECKSUMS_ITEM = "checksums"
+
+
+def shard_checksums(tree: Any) -> dict[str, dict[str, str]]:
+    """sha256 of the bytes of each addressable shard of every array in ``tree``: ``{array path: {global slice:
+    digest}}`` (replicas of one slice are hashed once)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, jax.Array | np.ndarray):
+            continue
+        shards = leaf.addressable_shards if isinstance(leaf, jax.Array) else []
+        parts = [(shard.index, shard.data) for shard in shards] or [((), leaf)]
+        sums = {}
+        for index, data in parts:
+            where = ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}"
+                             for s, dim in zip(index, leaf.shape, strict=False))
+            if where not in sums:
+                sums[where] = hashlib.sha256(np.ascontiguousarray(np.asarray(data)).tobytes()).hexdigest()
+        out[jax.tree_util.keystr(path)] = sums
+    return out
 
 
 def params_tree(params) -> dict:
@@ -66,12 +90,14 @@ class TrainCheckpoints:
              metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied)."""
         step = int(jax.device_get(state.step))
+        params = params_tree(state.params)
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params_tree(state.params)),
+            params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(state.opt_state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({**meta, "step": step}),
-            **{MODEL_CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())})
+            **{MODEL_CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
+               CHECKSUMS_ITEM: ocp.args.JsonSave(shard_checksums({"params": params, "opt_state": state.opt_state}))})
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState,
@@ -82,15 +108,28 @@ class TrainCheckpoints:
 
         params = jax.tree.map(target, abstract.params, shardings.params)
         opt_state = jax.tree.map(target, abstract.opt_state, shardings.opt_state)
+        checked = (self.directory / str(step) / CHECKSUMS_ITEM).exists()  # (checkpoints of older versions have none)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_tree(params)),
             opt_state=ocp.args.StandardRestore(opt_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore()))
+            meta=ocp.args.JsonRestore(),
+            **({CHECKSUMS_ITEM: ocp.args.JsonRestore()} if checked else {})))
+        if checked:
+            self._verify(step, dict(restored[CHECKSUMS_ITEM]),
+                         shard_checksums({"params": restored.params, "opt_state": restored.opt_state}))
         state = TrainState(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
                            params=params_from_tree(restored.params, abstract.params),
                            opt_state=restored.opt_state)
         return state, dict(restored.meta)
+
+    def _verify(self, step: int, recorded: dict, found: dict) -> None:
+        bad = sorted(name for name, sums in found.items()
+                     if any(recorded.get(name, {}).get(where, digest) != digest for where, digest in sums.items()))
+        if bad:
+            raise ValueError(f"training checkpoint {self.directory / str(step)} is corrupted: the content of "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} differs from the checksums "
+                             f"written when it was saved; resume from another step (or remove this one)")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
