@@ -96,14 +96,19 @@ def visit_words(start: jax.Array, count: jax.Array, minor: jax.Array, slots: int
         valid = within[:, None] & (t < count[major][:, None])
         ids = jnp.take(minor, (start[major][:, None] + t).reshape(-1), mode="clip").reshape(t.shape)
         # an unused slot keeps the block of its last valid step (the pipeline then fetches nothing new)
-        # (associative_scan and clip-mode takes: lax.cummax and fill-mode gathers take minutes in XLA:TPU's compiler)
-        held = lax.associative_scan(jnp.maximum, jnp.where(valid, p[:, None], -1), axis=0)
-        held_at = (jnp.maximum(held, 0) * slots + slot[None, :]).reshape(-1)
-        ids = jnp.where(held >= 0, jnp.take(ids.reshape(-1), held_at, mode="clip").reshape(t.shape), 0)
+        # (a forward fill by associative_scan: lax.cummax, fill-mode gathers and a second gather each add seconds to
+        # minutes to XLA:TPU's compile)
+        _, ids = lax.associative_scan(_keep_last_valid, (valid, jnp.where(valid, ids, 0)), axis=0)
+        # (a barrier: fused with the packing below, the scan takes XLA:TPU three times as long to compile)
+        ids, valid, first, last = lax.optimization_barrier((ids, valid, first, last))
         flags = valid * _VALID + (first * _FIRST + last * _LAST)[:, None]
         return ((major[:, None] << _MAJOR_SHIFT) | (ids << _MINOR_SHIFT) | flags).astype(jnp.int32).reshape(-1)
 
     return jax.vmap(one)(start.astype(jnp.int32), count.astype(jnp.int32), minor.astype(jnp.int32))
+
+
+def _keep_last_valid(a, b):
+    return a[0] | b[0], jnp.where(b[0], b[1], a[1])
 
 
 def rows_per_call(words_per_row: int) -> int:
