@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "dense")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu", "dense")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -23,7 +23,8 @@ class RuntimeOptions:
 
     Attributes:
       implementation: the attention: ``None`` (best for the platform: Pallas kernels on GPU/TPU, jnp reference on
-        CPU), ``"reference"``, ``"pallas"``, or ``"dense"`` (plain softmax attention through
+        CPU), ``"reference"``, ``"pallas"`` (the platform's kernels), ``"pallas_gpu"`` / ``"pallas_tpu"`` (one kernel
+        family; interpreted off its platform), or ``"dense"`` (plain softmax attention through
         ``jax.nn.dot_product_attention`` — not MRA; a baseline for benchmarks).
       platform: the platform whose kernels to use (``"gpu"``, ``"tpu"``, ``"cpu"``); ``None`` = the default backend.
         Set it when compiling ahead of time for another platform (e.g. a TPU topology from a CPU machine).

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", type=pathlib.Path, default=DEFAULT_GOLDEN,
                         help="folder holding model_*/ (config.json, model.safetensors, golden_io.npz)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max-abs error")
-    parser.add_argument("--attention", choices=["reference", "pallas"], default=None,
+    parser.add_argument("--attention", choices=["reference", "pallas", "pallas_gpu", "pallas_tpu"], default=None,
                         help="attention implementation (default: the platform's best; pallas on a CPU interprets "
                              "the kernels, slowly)")
     args = parser.parse_args(argv)

@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
         print(f"libtpu {have[0]} already in {target}")
         return 0
     print(f"+ pip install --target {target} {req}")
-    return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(target),
-                            req])
+    return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+                            str(target), req])
 
 
 if __name__ == "__main__":

@@ -28,10 +28,22 @@ def test_outputs_and_loss_match_hf(case):
     assert worst(err for _, err, _ in rows) < 1e-4, rows
 
 
-@pytest.mark.parametrize("case", ["model_masked_lm", "model_sequence_classification"])
-def test_parameter_gradients_match_hf(case):
+@pytest.mark.parametrize(("case", "family"), zip(MODEL_CASES, ["pallas_gpu", "pallas_tpu"] * 3, strict=False))
+def test_outputs_through_the_pallas_kernels_match_hf(case, family):
+    """The six models with their attention on the Pallas kernels (interpret mode on a CPU), both families."""
+    rows = compare_model(GOLDEN / case, family)
+    assert worst(err for _, err, _ in rows) < 1e-4, rows
+
+
+@pytest.mark.parametrize(("case", "implementation"), [("model_masked_lm", None),
+                                                      ("model_sequence_classification", None),
+                                                      ("model_sequence_classification", "pallas_tpu")])
+def test_parameter_gradients_match_hf(case, implementation):
+    from mra_jax.options import RuntimeOptions
+
     z = np.load(GOLDEN / case / "golden_io.npz")
-    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(GOLDEN / case)).from_pretrained(GOLDEN / case)
+    model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(GOLDEN / case)).from_pretrained(
+        GOLDEN / case, options=RuntimeOptions(implementation=implementation))
     graphdef, params = nnx.split(model, nnx.Param)
     inputs = {k: jnp.asarray(z[k]) for k in z.files if not k.startswith(("out_", "grad/"))}
     grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(**inputs).loss))(params)
