@@ -154,6 +154,19 @@ def test_visit_lists_walk_every_csr_list_once(view):
             assert (d["minor"][r, p, unused] == d["minor"][r, p - 1, unused]).all()
 
 
+def test_tpu_kernels_on_a_longer_sequence_match_reference():
+    """4,096 tokens (128 blocks per side, 8 selected per query block on average, ragged rows): values and gradients
+    through the streamed grid (interpret mode)."""
+    b, h, s, d = 1, 2, 4096, 32
+    q, k, v, key_mask, indices, w1, w2 = _problem(21, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="random",
+                                                  mask_kind="none", k=8 * (s // BLOCK))
+    (_, (o, lse)), grads = _loss_and_grad(_tpu(True), key_mask, indices, w1, w2, h)(q, k, v)
+    (_, (o_ref, lse_ref)), grads_ref = _loss_and_grad(block_sparse_attention_reference, key_mask, indices, w1, w2,
+                                                      h)(q, k, v)
+    assert_matches_reference(q, (o, lse, grads), (o_ref, lse_ref, grads_ref), dtype=jnp.float32, sel="random",
+                             mask_kind="none")
+
+
 def test_rows_beyond_one_calls_smem_are_split_into_calls(monkeypatch):
     """With room for two rows' lists per call, six rows take three calls (writing into one aliased buffer) and
     give the same values and gradients; a row whose list alone does not fit is refused by name."""
