@@ -134,9 +134,11 @@ def _flag(w, bit) -> jax.Array:
     return lax.bitwise_and(w, bit) != 0
 
 
-def _word(words_ref, steps: int, slot: int):
-    """This grid step's word for ``slot`` (grid ``(row in call, step)``)."""
-    return words_ref[(pl.program_id(0) * steps + pl.program_id(1)) * SLOTS + slot]
+def _word(words_ref, steps: int, slot: int, row=None, step=None):
+    """The word for ``slot`` at grid step ``(row in call, step)`` (default: the current one)."""
+    row = pl.program_id(0) if row is None else row
+    step = pl.program_id(1) if step is None else step
+    return words_ref[(row * steps + step) * SLOTS + slot]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ class _Operand:
 
 def _spec(block: tuple, index: Callable, *, row0: int, steps: int, slot: int) -> pl.BlockSpec:
     def index_map(c, p, words_ref):
-        w = words_ref[(c * steps + p) * SLOTS + slot]
+        w = _word(words_ref, steps, slot, c, p)
         return index(row0 + c, _major(w), _minor(w))
 
     return pl.BlockSpec(block, index_map)

@@ -11,7 +11,6 @@ the same slice, so that bytes that changed on disk but still decode are refused)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from mra_jax.checkpoint import _flatten, _nest
+from mra_jax.checkpoint import _flatten, _nest, _sha256
 from mra_jax.configuration import MraConfig
 from mra_jax.training.step import TrainState, key_path
 
@@ -44,7 +43,7 @@ def shard_checksums(tree: Any) -> dict[str, dict[str, str]]:
             where = ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}"
                              for s, dim in zip(index, leaf.shape, strict=False))
             if where not in sums:
-                sums[where] = hashlib.sha256(np.ascontiguousarray(np.asarray(data)).tobytes()).hexdigest()
+                sums[where] = _sha256(data)
         out[jax.tree_util.keystr(path)] = sums
     return out
 
