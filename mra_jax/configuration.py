@@ -8,9 +8,7 @@ import os
 from typing import Any
 
 from mra_jax.activations import ACT2FN
-
-BLOCK_SIZE = 32
-"""Tokens per MRA block (fixed by the method)."""
+from pallas_kernels import BLOCK as BLOCK_SIZE  # tokens per MRA block (fixed by the method; the kernels' block)
 
 POSITION_OFFSET = 2
 

@@ -1,26 +1,22 @@
-"""Block-sparse Pallas kernels for MRA's high-resolution attention (GPU Triton and TPU Mosaic).
+"""Block-sparse Pallas kernels for MRA's high-resolution attention (GPU Triton and TPU Mosaic) and their reference.
 
 Independent of ``mra_jax``: the library depends on the kernels, never the reverse.
 
 Public API:
 
-* :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention; ``backend="gpu"`` (default,
-  Pallas Triton kernels in :mod:`pallas_kernels.gpu`) or ``backend="tpu"`` (Pallas Mosaic kernels in
-  :mod:`pallas_kernels.tpu`);
-* :func:`block_sparse_attention_reference` — pure-jnp oracle / fallback with the same signature;
-* :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a block selection;
+* :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention on ``[B, S, H, d]``;
+  ``backend="gpu"`` (Pallas Triton kernels, :mod:`pallas_kernels.gpu`), ``"tpu"`` (Pallas Mosaic kernels,
+  :mod:`pallas_kernels.tpu`) or ``"reference"`` (pure jnp, same contract);
+* :data:`BLOCK` (32 tokens), :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a
+  block selection;
+* :func:`matmul_precision` — the float32-HIGHEST / default precision rule of every matmul;
 * :func:`topk_indices` — exact, faster replacement for ``lax.top_k`` indices (same set, same tie rule).
 """
 
-from .layout import BlockLayout, build_block_layout
-from .ops import BLOCK, block_sparse_attention, block_sparse_attention_reference
+from .layout import BLOCK, BlockLayout, build_block_layout
+from .numerics import matmul_precision
+from .ops import BACKENDS, block_sparse_attention
 from .selection import topk_indices
 
-__all__ = [
-    "BLOCK",
-    "BlockLayout",
-    "block_sparse_attention",
-    "block_sparse_attention_reference",
-    "build_block_layout",
-    "topk_indices",
-]
+__all__ = ["BACKENDS", "BLOCK", "BlockLayout", "block_sparse_attention", "build_block_layout", "matmul_precision",
+           "topk_indices"]

@@ -1,17 +1,18 @@
-"""Block-sparse attention kernels for GPUs (Pallas, Triton backend).
+"""Block-sparse attention kernels for GPUs (Pallas, Triton backend), reading and writing ``[B, S, H, d]`` directly.
 
-Tokens are grouped in blocks of ``BLOCK = 32``.  Three kernels, none using atomics:
+Tokens are grouped in blocks of ``BLOCK = 32``.  Three kernels, none using atomics, each with grid ``(n, B·H)``:
 
-* ``attention_forward``: grid ``(n, BH)``; program ``(i, bh)`` loops over the key blocks of query block ``i``
-  (row view of the :class:`~pallas_kernels.layout.BlockLayout`) with an online softmax in float32 and writes the
-  normalised output ``o`` and ``lse = m + log(l)`` (``-inf`` and ``o = 0`` for rows that see no valid key).
+* ``attention_forward``: program ``(i, bh)`` loops over the key blocks of query block ``i`` (row view of the
+  :class:`~pallas_kernels.layout.BlockLayout`) with an online softmax in float32 and writes the normalised output
+  ``o`` and ``lse = m + log(l)`` (``-inf`` and ``o = 0`` for rows that see no valid key).
 * ``attention_dq``: same grid and loop, recomputing ``p = exp(s - lse)``; FlashAttention-2 ``ds = p * (dp - delta)``.
-* ``attention_dkv``: grid ``(n, BH)`` over key blocks, looping over the column view.
+* ``attention_dkv``: program ``(j, bh)`` over key block ``j``, looping over the column view.
 
-Logits are ``dot(q, k) / scale``.  ``key_mask`` [B, S] (nonzero = token) is shared by the ``num_heads`` heads of a
-batch item (``bh = b * num_heads + h``); padded keys get probability exactly 0.  K/V (and Q/dO in the dK/dV pass) are
-passed as whole-sequence blocks of the current ``bh`` and sliced in the kernel, so only 32-row tiles are ever loaded
-(Triton's power-of-two rule then only concerns ``32 x d``; ``d`` is padded to a power of two ≥ 16 in the wrappers).
+Logits are ``dot(q, k) * sm_scale``, kept in base 2 inside the loops (one multiply by ``sm_scale·log2(e)``, then
+``exp2``).  The block specs index ``[B, S, H, d]`` as ``(b, block, h, :)``, so no transposes surround the kernels;
+K/V (and Q/dO in the dK/dV pass) are passed as the whole sequence of one (b, h) and sliced in the kernel, so only
+32-row tiles are ever loaded.  Without a key mask (``key_mask=None``) a static variant skips the mask loads; with one,
+padded keys get probability exactly 0.  ``d`` is padded to a power of two >= 16 (Triton's rule) only when needed.
 
 The kernel bodies only use ref indexing and ``jnp``/``lax`` ops, so they also run with ``interpret=True`` on CPU.
 """
@@ -19,6 +20,7 @@ The kernel bodies only use ref indexing and ``jnp``/``lax`` ops, so they also ru
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import jax
@@ -27,20 +29,27 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .layout import BlockLayout
+from .layout import BLOCK, BlockLayout
+from .numerics import matmul_precision
 
-__all__ = ["BLOCK", "attention_backward", "attention_dkv", "attention_dq", "attention_forward"]
+__all__ = ["attention_dkv", "attention_dq", "attention_forward"]
 
-BLOCK = 32
 _NEG_INF = float("-inf")
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+_NUM_WARPS = {
+    # (kernel, float32 inputs, padded head_dim <= 64) -> warps; chosen by ptxas's register/spill report for an H100
+    # (../shared/tools/h100-compile): the fewest warps that compile without register spills.
+    ("fwd", False, True): 2, ("fwd", False, False): 4, ("fwd", True, True): 4, ("fwd", True, False): 4,
+    ("dq", False, True): 2, ("dq", False, False): 4, ("dq", True, True): 4, ("dq", True, False): 4,
+    ("dkv", False, True): 4, ("dkv", False, False): 4, ("dkv", True, True): 4, ("dkv", True, False): 8,
+}
+_NUM_STAGES = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _precision(dtype) -> lax.Precision | None:
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _dot(a, b, contract: tuple[int, int], precision):
@@ -59,140 +68,112 @@ def _padded_dim(d: int) -> int:
 
 def _pad_last(x: jax.Array, d_pad: int) -> jax.Array:
     d = x.shape[-1]
-    if d == d_pad:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)])
+    return x if d == d_pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)])
 
 
-def _compiler_params(num_warps: int, num_stages: int):
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _call(kernel, **kwargs):
-    """``pl.pallas_call`` with the Triton-backend deprecation warning (jax ≥ 0.11) silenced locally."""
+def _call(kernel, name: str, dtype, dp: int, **kwargs):
+    """``pl.pallas_call`` with the warps of the table and the Triton-backend deprecation warning (jax >= 0.11)
+    silenced locally."""
+    warps = _NUM_WARPS[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
+    params = pltriton.CompilerParams(num_warps=warps, num_stages=_NUM_STAGES)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-        return pl.pallas_call(kernel, **kwargs)
+        return pl.pallas_call(kernel, compiler_params=params, name=f"block_sparse_attention_{name}", **kwargs)
 
 
-def _check(q, k, v, key_mask, layout: BlockLayout, num_heads: int) -> tuple[int, int, int, int]:
-    bh, s, d = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share the shape [BH, S, d]; got {q.shape}, {k.shape}, {v.shape}")
-    if s % BLOCK:
-        raise ValueError(f"sequence length {s} must be a multiple of {BLOCK}")
-    n = s // BLOCK
-    if bh % num_heads:
-        raise ValueError(f"BH={bh} is not a multiple of num_heads={num_heads}")
-    if key_mask.shape != (bh // num_heads, s):
-        raise ValueError(f"key_mask must be [B, S] = {(bh // num_heads, s)}, got {key_mask.shape}")
-    if layout.row_start.shape != (bh, n) or layout.col_start.shape != (bh, n):
-        raise ValueError(f"layout does not match BH={bh}, n={n}: row_start {layout.row_start.shape}")
-    kk = layout.row_cols.shape[-1]
-    return bh, s, d, kk
-
-
-def _mask_i32(key_mask: jax.Array) -> jax.Array:
-    return (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
-
-
-def _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision):
-    """Key block ``j`` of the current bh: its keys, values and the logits of ``q`` against it (-inf at padding)."""
+def _key_block_logits(q, k_ref, v_ref, mask_ref, j, qk_scale, precision):
+    """Key block ``j`` of the current (b, h): its keys, values and base-2 logits of ``q`` (-inf at padding)."""
     off = pl.multiple_of(j * BLOCK, BLOCK)
     k = k_ref[pl.ds(off, BLOCK), :]
     v = v_ref[pl.ds(off, BLOCK), :]
-    valid = mask_ref[pl.ds(off, BLOCK)] != 0
-    s = _dot(q, k, (1, 1), precision) / scale
-    return k, v, jnp.where(valid[None, :], s, _NEG_INF)
+    s = _dot(q, k, (1, 1), precision) * qk_scale
+    if mask_ref is not None:
+        s = jnp.where(mask_ref[pl.ds(off, BLOCK)][None, :] != 0, s, _NEG_INF)
+    return k, v, s
 
 
-def _row_view_specs(n: int, kk: int, s: int, dp: int, h: int) -> list[pl.BlockSpec]:
-    """Inputs of a program (i, bh) over query blocks: its row lists, its 32 queries, the whole K and V of bh, and
-    the key mask of batch item bh // h."""
-    return [
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, n), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, kk), lambda i, b: (b, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s, dp), lambda i, b: (b, 0, 0)),
-            pl.BlockSpec((None, s), lambda i, b: (b // h, 0)),
-    ]
+class _Specs:
+    """Block specs over ``[B, S, H, d]`` arrays for a grid ``(block, bh)`` with ``h`` heads."""
+
+    def __init__(self, s: int, h: int, dp: int):
+        self.s, self.h, self.dp = s, h, dp
+
+    def block(self):  # the program's 32 tokens of one (b, h)
+        return pl.BlockSpec((None, BLOCK, None, self.dp), lambda i, r: (r // self.h, i, r % self.h, 0))
+
+    def sequence(self):  # the whole sequence of one (b, h)
+        return pl.BlockSpec((None, self.s, None, self.dp), lambda i, r: (r // self.h, 0, r % self.h, 0))
+
+    def block_stat(self):  # [B, S, H] statistics of the program's 32 tokens
+        return pl.BlockSpec((None, BLOCK, None), lambda i, r: (r // self.h, i, r % self.h))
+
+    def sequence_stat(self):
+        return pl.BlockSpec((None, self.s, None), lambda i, r: (r // self.h, 0, r % self.h))
+
+    def mask(self, whole: bool):  # [B, S] key mask: the whole sequence or the program's block
+        if whole:
+            return pl.BlockSpec((None, self.s), lambda i, r: (r // self.h, 0))
+        return pl.BlockSpec((None, BLOCK), lambda i, r: (r // self.h, i))
+
+    def lists(self, length: int):  # a [B·H, length] CSR array
+        return pl.BlockSpec((None, length), lambda i, r: (r, 0))
 
 
-def _default_warps(d_pad: int) -> int:
-    return 2 if d_pad <= 64 else 4
+def _prepare(q, k, v, key_mask):
+    b, s, h, d = q.shape
+    dp = _padded_dim(d)
+    return (b, s, h, d, dp), _Specs(s, h, dp), [_pad_last(x, dp) for x in (q, k, v)], key_mask is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # forward
 
 
-def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, scale, precision):
+def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_scale, precision, masked):
+    mask_ref = refs[0] if masked else None
+    o_ref, lse_ref = refs[-2:]
     i = pl.program_id(0)
     start = start_ref[i]
-    count = count_ref[i]
     q = q_ref[...]
-    d = q.shape[-1]
 
     def body(t, carry):
         acc, m, denom = carry
-        j = cols_ref[start + t]
-        _, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision)
+        _, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, cols_ref[start + t], qk_scale, precision)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
+        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
         denom = denom * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0), precision)
         return acc, m_new, denom
 
     init = (
-        jnp.zeros((BLOCK, d), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
         jnp.full((BLOCK,), _NEG_INF, jnp.float32),
         jnp.zeros((BLOCK,), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, count, body, init)
+    acc, m, denom = lax.fori_loop(0, count_ref[i], body, init)
     pos = denom > 0.0
     denom_safe = jnp.where(pos, denom, 1.0)
     o_ref[...] = jnp.where(pos[:, None], acc / denom_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(pos, m + jnp.log(denom_safe), _NEG_INF)
+    lse_ref[...] = jnp.where(pos, (m + jnp.log2(denom_safe)) * _LN2, _NEG_INF)
 
 
-def attention_forward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    key_mask: jax.Array,
-    layout: BlockLayout,
-    *,
-    scale: float,
-    num_heads: int,
-    interpret=False,
-    num_warps: int | None = None,
-    num_stages: int = 2,
-) -> tuple[jax.Array, jax.Array]:
-    """Block-sparse attention forward: returns ``o`` [BH, S, d] (q.dtype) and ``lse`` [BH, S] float32."""
-    bh, s, d, kk = _check(q, k, v, key_mask, layout, num_heads)
-    n = s // BLOCK
-    dp = _padded_dim(d)
-    qp, kp, vp = (_pad_last(x, dp) for x in (q, k, v))
-    mask = _mask_i32(key_mask)
-    h = num_heads
-    kernel = functools.partial(_fwd_kernel, scale=float(scale), precision=_precision(q.dtype))
+def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float, interpret=False):
+    """``o`` [B, S, H, d] (q.dtype) and ``lse`` [B, S, H] float32 (arguments checked by ``ops``)."""
+    (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
+    n, kk = s // BLOCK, layout.row_cols.shape[-1]
+    kernel = functools.partial(_fwd_kernel, qk_scale=sm_scale * _LOG2E, precision=matmul_precision(q.dtype),
+                               masked=masked)
     o, lse = _call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((bh, s, dp), q.dtype), jax.ShapeDtypeStruct((bh, s), jnp.float32)),
-        grid=(n, bh),
-        in_specs=_row_view_specs(n, kk, s, dp, h),
-        out_specs=(
-            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-            pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
-        ),
-        compiler_params=_compiler_params(num_warps or _default_warps(dp), num_stages),
+        kernel, "fwd", q.dtype, dp,
+        out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), q.dtype), jax.ShapeDtypeStruct((b, s, h), jnp.float32)),
+        grid=(n, b * h),
+        in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.block(), spec.sequence(), spec.sequence(),
+                  *([spec.mask(whole=True)] if masked else [])],
+        out_specs=(spec.block(), spec.block_stat()),
         interpret=interpret,
-        name="block_sparse_attention_fwd",
-    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, mask)
+    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, *([key_mask] if masked else []))
     return o[..., :d], lse
 
 
@@ -200,160 +181,93 @@ def attention_forward(
 # backward
 
 
-def _dq_kernel(
-    start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-    precision,
-):
+def _dq_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
+               sm_scale, precision, masked):
+    mask_ref = refs[0] if masked else None
+    dq_ref = refs[-1]
     i = pl.program_id(0)
     start = start_ref[i]
-    count = count_ref[i]
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
-    lse = jnp.where(lse == _NEG_INF, 0.0, lse)  # such rows have no valid key: every p below is exp(-inf) = 0
+    lse2 = jnp.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # such rows see no valid key: every p below is 0
     delta = delta_ref[...]
 
     def body(t, dq):
-        j = cols_ref[start + t]
-        k, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, j, scale, precision)
-        p = jnp.exp(s - lse[:, None])
-        dp = _dot(do, v, (1, 1), precision)
-        ds = p * (dp - delta[:, None])
+        k, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, cols_ref[start + t], qk_scale, precision)
+        p = jnp.exp2(s - lse2[:, None])
+        ds = p * (_dot(do, v, (1, 1), precision) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)
 
-    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq / scale).astype(dq_ref.dtype)
+    dq = lax.fori_loop(0, count_ref[i], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    start_ref,
-    count_ref,
-    rows_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    mask_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dk_ref,
-    dv_ref,
-    *,
-    scale,
-    precision,
-):
+def _dkv_kernel(start_ref, count_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
+                sm_scale, precision, masked):
+    mask_ref = refs[0] if masked else None
+    dk_ref, dv_ref = refs[-2:]
     c = pl.program_id(0)
     start = start_ref[c]
-    count = count_ref[c]
     k = k_ref[...]
     v = v_ref[...]
-    valid = mask_ref[...] != 0
 
     def body(t, carry):
         dk, dv = carry
-        r = rows_ref[start + t]
-        off = pl.multiple_of(r * BLOCK, BLOCK)
+        off = pl.multiple_of(rows_ref[start + t] * BLOCK, BLOCK)
         q = q_ref[pl.ds(off, BLOCK), :]
         do = do_ref[pl.ds(off, BLOCK), :]
         lse = lse_ref[pl.ds(off, BLOCK)]
-        lse = jnp.where(lse == _NEG_INF, 0.0, lse)
-        delta = delta_ref[pl.ds(off, BLOCK)]
-        s = _dot(q, k, (1, 1), precision) / scale
-        s = jnp.where(valid[None, :], s, _NEG_INF)
-        p = jnp.exp(s - lse[:, None])
+        lse2 = jnp.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
+        s = _dot(q, k, (1, 1), precision) * qk_scale
+        if masked:
+            s = jnp.where(mask_ref[...][None, :] != 0, s, _NEG_INF)
+        p = jnp.exp2(s - lse2[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)
-        dp = _dot(do, v, (1, 1), precision)
-        ds = p * (dp - delta[:, None])
+        ds = p * (_dot(do, v, (1, 1), precision) - delta_ref[pl.ds(off, BLOCK)][:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)
         return dk, dv
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, count, body, init)
-    dk_ref[...] = (dk / scale).astype(dk_ref.dtype)
+    dk, dv = lax.fori_loop(0, count_ref[c], body, init)
+    dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def attention_dq(
-    q, k, v, key_mask, layout: BlockLayout, lse, do, delta, *, scale, num_heads, interpret=False, num_warps=None,
-    num_stages=2,
-) -> jax.Array:
-    """dQ [BH, S, d]; ``delta = rowsum(o * do) - dlse`` [BH, S] float32, ``lse`` from the forward."""
-    bh, s, d, kk = _check(q, k, v, key_mask, layout, num_heads)
-    n = s // BLOCK
-    dp = _padded_dim(d)
-    qp, kp, vp, dop = (_pad_last(x, dp) for x in (q, k, v, do.astype(q.dtype)))
-    h = num_heads
-    kernel = functools.partial(_dq_kernel, scale=float(scale), precision=_precision(q.dtype))
+def _backward_kwargs(q, sm_scale: float, masked: bool) -> dict:
+    return dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, precision=matmul_precision(q.dtype), masked=masked)
+
+
+def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False):
+    """dQ [B, S, H, d]; ``delta = rowsum(o * do) - dlse`` and ``lse`` are [B, S, H] float32."""
+    (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
+    n, kk = s // BLOCK, layout.row_cols.shape[-1]
     dq = _call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((bh, s, dp), q.dtype),
-        grid=(n, bh),
-        in_specs=[
-            *_row_view_specs(n, kk, s, dp, h),
-            pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-            pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
-            pl.BlockSpec((None, BLOCK), lambda i, b: (b, i)),
-        ],
-        out_specs=pl.BlockSpec((None, BLOCK, dp), lambda i, b: (b, i, 0)),
-        compiler_params=_compiler_params(num_warps or _default_warps(dp), num_stages),
+        functools.partial(_dq_kernel, **_backward_kwargs(q, sm_scale, masked)), "dq", q.dtype, dp,
+        out_shape=jax.ShapeDtypeStruct((b, s, h, dp), q.dtype),
+        grid=(n, b * h),
+        in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.block(), spec.sequence(), spec.sequence(),
+                  spec.block(), spec.block_stat(), spec.block_stat(), *([spec.mask(whole=True)] if masked else [])],
+        out_specs=spec.block(),
         interpret=interpret,
-        name="block_sparse_attention_dq",
-    )(
-        layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, _mask_i32(key_mask), dop,
-        lse.astype(jnp.float32), delta.astype(jnp.float32),
-    )
+    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, _pad_last(do, dp), lse, delta,
+      *([key_mask] if masked else []))
     return dq[..., :d]
 
 
-def attention_dkv(
-    q, k, v, key_mask, layout: BlockLayout, lse, do, delta, *, scale, num_heads, interpret=False, num_warps=None,
-    num_stages=2,
-) -> tuple[jax.Array, jax.Array]:
-    """(dK, dV) [BH, S, d] via the column view; key blocks nobody selected get zeros."""
-    bh, s, d, kk = _check(q, k, v, key_mask, layout, num_heads)
-    n = s // BLOCK
-    dp = _padded_dim(d)
-    qp, kp, vp, dop = (_pad_last(x, dp) for x in (q, k, v, do.astype(q.dtype)))
-    h = num_heads
-    kernel = functools.partial(_dkv_kernel, scale=float(scale), precision=_precision(q.dtype))
+def attention_dkv(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False):
+    """(dK, dV) [B, S, H, d] via the column view; key blocks nobody selected get zeros."""
+    (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
+    n, kk = s // BLOCK, layout.col_rows.shape[-1]
     dk, dv = _call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((bh, s, dp), k.dtype), jax.ShapeDtypeStruct((bh, s, dp), v.dtype)),
-        grid=(n, bh),
-        in_specs=[
-            pl.BlockSpec((None, n), lambda c, b: (b, 0)),
-            pl.BlockSpec((None, n), lambda c, b: (b, 0)),
-            pl.BlockSpec((None, kk), lambda c, b: (b, 0)),
-            pl.BlockSpec((None, s, dp), lambda c, b: (b, 0, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda c, b: (b, c, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda c, b: (b, c, 0)),
-            pl.BlockSpec((None, BLOCK), lambda c, b: (b // h, c)),
-            pl.BlockSpec((None, s, dp), lambda c, b: (b, 0, 0)),
-            pl.BlockSpec((None, s), lambda c, b: (b, 0)),
-            pl.BlockSpec((None, s), lambda c, b: (b, 0)),
-        ],
-        out_specs=(
-            pl.BlockSpec((None, BLOCK, dp), lambda c, b: (b, c, 0)),
-            pl.BlockSpec((None, BLOCK, dp), lambda c, b: (b, c, 0)),
-        ),
-        compiler_params=_compiler_params(num_warps or 4, num_stages),
+        functools.partial(_dkv_kernel, **_backward_kwargs(q, sm_scale, masked)), "dkv", q.dtype, dp,
+        out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), k.dtype), jax.ShapeDtypeStruct((b, s, h, dp), v.dtype)),
+        grid=(n, b * h),
+        in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.sequence(), spec.block(), spec.block(),
+                  spec.sequence(), spec.sequence_stat(), spec.sequence_stat(),
+                  *([spec.mask(whole=False)] if masked else [])],
+        out_specs=(spec.block(), spec.block()),
         interpret=interpret,
-        name="block_sparse_attention_dkv",
-    )(
-        layout.col_start, layout.col_count, layout.col_rows, qp, kp, vp, _mask_i32(key_mask), dop,
-        lse.astype(jnp.float32), delta.astype(jnp.float32),
-    )
+    )(layout.col_start, layout.col_count, layout.col_rows, qp, kp, vp, _pad_last(do, dp), lse, delta,
+      *([key_mask] if masked else []))
     return dk[..., :d], dv[..., :d]
-
-
-def attention_backward(
-    q, k, v, key_mask, layout: BlockLayout, o, lse, do, dlse=None, *, scale, num_heads, interpret=False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dQ, dK, dV) for cotangents ``do`` of ``o`` and ``dlse`` of ``lse`` (``None`` = zero)."""
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-    if dlse is not None:
-        delta = delta - dlse.astype(jnp.float32)
-    kw = dict(scale=scale, num_heads=num_heads, interpret=interpret)
-    dq = attention_dq(q, k, v, key_mask, layout, lse, do, delta, **kw)
-    dk, dv = attention_dkv(q, k, v, key_mask, layout, lse, do, delta, **kw)
-    return dq, dk, dv

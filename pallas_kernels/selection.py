@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["topk_indices"]
+__all__ = ["topk_indices", "topk_selection", "unpack_bits"]
 
 Method = Literal["auto", "sampled", "radix"]
 
@@ -218,6 +218,12 @@ def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto") -> jax.A
     ``"sampled"`` (one counting pass + small exact work; exact fallback to ``"radix"``) or ``"auto"`` (``"sampled"``
     when ``N >= 2^16`` and ``scores.size >= 2^22``). No gradient. See the module docstring for the costs.
     """
+    return topk_selection(scores, k, method=method)[0]
+
+
+def topk_selection(scores: jax.Array, k: int, *, method: Method = "auto") -> tuple[jax.Array, jax.Array]:
+    """:func:`topk_indices` and the same set as a packed bit mask: uint32 ``[..., ceil(N / 32)]``, entry ``i`` in bit
+    ``i % 32`` of word ``i // 32`` (see :func:`unpack_bits`), which the selection builds anyway."""
     scores = jnp.asarray(scores)
     if scores.ndim < 1:
         raise ValueError("scores must have at least one dimension")
@@ -232,13 +238,14 @@ def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto") -> jax.A
     if method not in ("sampled", "radix"):
         raise ValueError(f"unknown method {method!r}")
     lead = scores.shape[:-1]
+    m = -(-n // 32)
     if k == n:
-        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*lead, n))
+        return (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*lead, n)),
+                jnp.broadcast_to(jnp.asarray(_valid_words(n)), (*lead, m)))
     if math.prod(lead) == 0:
-        return jnp.zeros((*lead, k), jnp.int32)
+        return jnp.zeros((*lead, k), jnp.int32), jnp.zeros((*lead, m), jnp.uint32)
 
     keys = _keys(lax.stop_gradient(scores).reshape(-1, n))
-    m = -(-n // 32)
     keys = jnp.pad(keys, ((0, 0), (0, 32 * m - n)))  # pad entries are masked out of every packed word
     valid = jnp.asarray(_valid_words(n))
     kk = jnp.full((keys.shape[0],), k, jnp.int32)
@@ -260,5 +267,12 @@ def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto") -> jax.A
     need = jnp.clip((k - count_gt)[:, None] - eq_before, 0, eq_cnt)
     cut = _select_bit(eq_bits, need).astype(jnp.uint32)  # bits below the need-th set bit
     kept = jnp.where(need >= eq_cnt, eq_bits, eq_bits & ((jnp.uint32(1) << cut) - jnp.uint32(1)))
-    out = _compact(gt_bits | kept, k)
-    return out.reshape(*lead, k)
+    bits = gt_bits | kept
+    return _compact(bits, k).reshape(*lead, k), bits.reshape(*lead, m)
+
+
+def unpack_bits(bits: jax.Array, n: int) -> jax.Array:
+    """Packed ``[..., ceil(n / 32)]`` uint32 words -> ``[..., n]`` bool (elementwise: fuses into its consumer)."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    unpacked = (bits[..., :, None] >> shifts) & jnp.uint32(1)
+    return unpacked.reshape(*bits.shape[:-1], bits.shape[-1] * 32)[..., :n] != 0

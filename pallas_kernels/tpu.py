@@ -1,9 +1,11 @@
 """Block-sparse attention kernels for TPUs (Pallas, Mosaic backend) whose VMEM use does not grow with the sequence.
 
-Same contract and math as :mod:`pallas_kernels.gpu` (tokens in blocks of ``BLOCK = 32``; logits ``dot(q, k) / scale``;
-``key_mask`` [B, S] shared by the ``num_heads`` heads of batch item ``b = bh // num_heads``; padded keys get probability
-exactly 0; ``o`` normalised in the input dtype, ``lse`` float32, ``o = 0`` / ``lse = -inf`` for a query that sees no
-valid key; float32 accumulation, ``Precision.HIGHEST`` for float32 dots).  Three kernels, no atomics:
+Same contract and math as :mod:`pallas_kernels.gpu` (tokens in blocks of ``BLOCK = 32``; logits
+``dot(q, k) * sm_scale``; ``[B, S, H, d]`` in and out, moved to ``[B·H, S, d]`` rows here because a block of
+``[.., H, d]`` would squeeze the second-minor axis, which Mosaic's (8, 128) block rule does not allow; ``key_mask``
+[B, S] shared by the heads of a batch item, ``None`` = no padding; padded keys get probability exactly 0; ``o``
+normalised in the input dtype, ``lse`` float32, ``o = 0`` / ``lse = -inf`` for a query that sees no valid key; float32
+accumulation, ``Precision.HIGHEST`` for float32 dots).  Three kernels, no atomics:
 
 * ``attention_forward`` and ``attention_dq`` walk the row view (a query block and its key blocks);
 * ``attention_dkv`` walks the column view (a key block and the query blocks that selected it), with scores computed
@@ -46,14 +48,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .layout import BlockLayout
+from .layout import BLOCK, BlockLayout
+from .numerics import matmul_precision
 
 __all__ = [
-    "BLOCK", "MAX_BLOCKS", "SLOTS", "SMEM_LIST_BYTES", "attention_backward", "attention_dkv", "attention_dq",
-    "attention_forward", "rows_per_call", "visit_words",
+    "MAX_BLOCKS", "SLOTS", "SMEM_LIST_BYTES", "attention_dkv", "attention_dq", "attention_forward", "rows_per_call",
+    "visit_words",
 ]
 
-BLOCK = 32  # tokens per block (same as gpu.BLOCK)
 SLOTS = 4  # minor blocks per grid step
 SMEM_LIST_BYTES = 512 * 1024  # visit-list bytes per call (SMEM is 1 MiB; Mosaic keeps some for itself)
 MAX_BLOCKS = 1 << 14  # blocks per side that a word's 14-bit fields can name
@@ -212,10 +214,6 @@ def _streamed_call(
 # helpers
 
 
-def _precision(dtype) -> lax.Precision | None:
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _dot_nn(a, b, precision):
     """``a @ b`` with float32 accumulation."""
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
@@ -237,23 +235,19 @@ def _block_rows(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x.reshape(n_, s // BLOCK, 1, BLOCK), (n_, s // BLOCK, _SUBLANES, BLOCK))
 
 
-def _check(q, k, v, key_mask, layout: BlockLayout, num_heads: int) -> None:
-    if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share the shape [BH, S, d]; got {q.shape}, {k.shape}, {v.shape}")
-    bh, s, _ = q.shape
-    if s % BLOCK:
-        raise ValueError(f"sequence length {s} must be a multiple of {BLOCK}")
-    if num_heads <= 0 or bh % num_heads:
-        raise ValueError(f"BH={bh} is not a multiple of num_heads={num_heads}")
-    if key_mask.shape != (bh // num_heads, s):
-        raise ValueError(f"key_mask must be [B, S] = {(bh // num_heads, s)}, got {key_mask.shape}")
-    n = s // BLOCK
-    if layout.row_start.shape != (bh, n) or layout.col_start.shape != (bh, n):
-        raise ValueError(f"layout does not match BH={bh}, n={n}: row_start {layout.row_start.shape}")
+def _to_rows(x: jax.Array) -> jax.Array:
+    """[B, S, H, ...] -> [B·H, S, ...], the kernels' layout."""
+    b, s, h = x.shape[:3]
+    return jnp.moveaxis(x, 2, 1).reshape(b * h, s, *x.shape[3:])
 
 
-def _mask_i32(key_mask: jax.Array) -> jax.Array:
-    return (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
+def _from_rows(x: jax.Array, h: int) -> jax.Array:
+    """[B·H, S, ...] -> [B, S, H, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0] // h, h, *x.shape[1:]), 1, 2)
+
+
+def _mask_i32(key_mask: jax.Array | None, b: int, s: int) -> jax.Array:
+    return jnp.ones((b, s), jnp.int32) if key_mask is None else key_mask.astype(jnp.int32)
 
 
 def _batch(bh, num_heads: int):
@@ -290,7 +284,7 @@ def _kw(vmem_limit_bytes, interpret) -> dict:
 # forward
 
 
-def _fwd_kernel(words_ref, q_ref, *refs, scale, precision, steps):
+def _fwd_kernel(words_ref, q_ref, *refs, sm_scale, precision, steps):
     k_refs, v_refs, m_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS], refs[2 * SLOTS : 3 * SLOTS]
     o_ref, lse_ref, acc_ref, max_ref, den_ref = refs[3 * SLOTS :]
     head = _word(words_ref, steps, 0)
@@ -307,7 +301,7 @@ def _fwd_kernel(words_ref, q_ref, *refs, scale, precision, steps):
         @pl.when(_flag(_word(words_ref, steps, slot), _VALID))
         def _update(slot=slot):
             v = v_refs[slot][...]
-            s = _dot_nt(q, k_refs[slot][...], precision) / scale  # [32 q, 32 k]
+            s = _dot_nt(q, k_refs[slot][...], precision) * sm_scale  # [32 q, 32 k]
             s = jnp.where(_key_valid(m_refs[slot]), s, _NEG_INF)
             m_prev = max_ref[...]  # [32, 128], lane-broadcast
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -328,53 +322,42 @@ def _fwd_kernel(words_ref, q_ref, *refs, scale, precision, steps):
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def attention_forward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    key_mask: jax.Array,
-    layout: BlockLayout,
-    *,
-    scale: float,
-    num_heads: int,
-    interpret=False,
-    vmem_limit_bytes: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Block-sparse attention forward: returns ``o`` [BH, S, d] (q.dtype) and ``lse`` [BH, S] float32.
+def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float, interpret=False,
+                      vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``o`` [B, S, H, d] (q.dtype) and ``lse`` [B, S, H] float32 (arguments checked by ``ops``).
 
     ``interpret``: ``False`` (Mosaic), ``True`` or ``pltpu.InterpretParams(...)`` (CPU interpreters).
     """
-    _check(q, k, v, key_mask, layout, num_heads)
-    bh, s, d = q.shape
+    b, s, h, d = q.shape
+    q, k, v = (_to_rows(x) for x in (q, k, v))
     words = visit_words(layout.row_start, layout.row_count, layout.row_cols)
-    h = num_heads
-    mrow = _block_rows(_mask_i32(key_mask))  # [B, n, 8, 32]
+    mrow = _block_rows(_mask_i32(key_mask, b, s))  # [B, n, 8, 32]
     o, lse = _streamed_call(
-        functools.partial(_fwd_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        functools.partial(_fwd_kernel, sm_scale=sm_scale, precision=matmul_precision(q.dtype)),
         words,
         [
             _Operand(q, _seq_block(d), _at_major),
             _Operand(k, _seq_block(d), _at_minor, per_slot=True),
             _Operand(v, _seq_block(d), _at_minor, per_slot=True),
-            _Operand(mrow, (None, None, _SUBLANES, BLOCK), lambda b, i, j: (_batch(b, h), j, 0, 0), per_slot=True),
+            _Operand(mrow, (None, None, _SUBLANES, BLOCK), lambda r, i, j: (_batch(r, h), j, 0, 0), per_slot=True),
         ],
         [
-            (jax.ShapeDtypeStruct((bh, s, d), q.dtype), _seq_block(d), _at_major),
-            (jax.ShapeDtypeStruct((bh, s, _LANES), jnp.float32), _seq_block(_LANES), _at_major),
+            (jax.ShapeDtypeStruct((b * h, s, d), q.dtype), _seq_block(d), _at_major),
+            (jax.ShapeDtypeStruct((b * h, s, _LANES), jnp.float32), _seq_block(_LANES), _at_major),
         ],
         [pltpu.VMEM((BLOCK, d), jnp.float32), pltpu.VMEM((BLOCK, _LANES), jnp.float32),
          pltpu.VMEM((BLOCK, _LANES), jnp.float32)],
         name="block_sparse_attention_tpu_fwd",
         **_kw(vmem_limit_bytes, interpret),
     )
-    return o, lse[:, :, 0]
+    return _from_rows(o, h), _from_rows(lse[:, :, 0], h)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # backward
 
 
-def _dq_kernel(words_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, scale, precision, steps):
+def _dq_kernel(words_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, sm_scale, precision, steps):
     k_refs, v_refs, m_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS], refs[2 * SLOTS : 3 * SLOTS]
     dq_ref, acc_ref = refs[3 * SLOTS :]
     head = _word(words_ref, steps, 0)
@@ -392,17 +375,17 @@ def _dq_kernel(words_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, scale, preci
         @pl.when(_flag(_word(words_ref, steps, slot), _VALID))
         def _update(slot=slot):
             k = k_refs[slot][...]
-            s = _dot_nt(q, k, precision) / scale
+            s = _dot_nt(q, k, precision) * sm_scale
             p = jnp.exp(jnp.where(_key_valid(m_refs[slot]), s, _NEG_INF) - lse)
             ds = p * (_dot_nt(do, v_refs[slot][...], precision) - delta)
             acc_ref[...] += _dot_nn(ds.astype(k.dtype), k, precision)
 
     @pl.when(_flag(head, _LAST))
     def _finish():
-        dq_ref[...] = (acc_ref[...] / scale).astype(dq_ref.dtype)
+        dq_ref[...] = (acc_ref[...] * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(words_ref, k_ref, v_ref, mcol_ref, *refs, scale, precision, steps):
+def _dkv_kernel(words_ref, k_ref, v_ref, mcol_ref, *refs, sm_scale, precision, steps):
     q_refs, do_refs = refs[:SLOTS], refs[SLOTS : 2 * SLOTS]
     lse_refs, delta_refs = refs[2 * SLOTS : 3 * SLOTS], refs[3 * SLOTS : 4 * SLOTS]
     dk_ref, dv_ref, dk_acc, dv_acc = refs[4 * SLOTS :]
@@ -422,7 +405,7 @@ def _dkv_kernel(words_ref, k_ref, v_ref, mcol_ref, *refs, scale, precision, step
             q, do = q_refs[slot][...], do_refs[slot][...]
             lse = lse_refs[slot][:1, :]  # [1, 32 q]
             lse = jnp.where(lse == _NEG_INF, 0.0, lse)
-            s_t = _dot_nt(k, q, precision) / scale  # [32 k, 32 q]
+            s_t = _dot_nt(k, q, precision) * sm_scale  # [32 k, 32 q]
             p_t = jnp.exp(jnp.where(valid, s_t, _NEG_INF) - lse)
             dv_acc[...] += _dot_nn(p_t.astype(do.dtype), do, precision)
             ds_t = p_t * (_dot_nt(v, do, precision) - delta_refs[slot][:1, :])
@@ -430,82 +413,65 @@ def _dkv_kernel(words_ref, k_ref, v_ref, mcol_ref, *refs, scale, precision, step
 
     @pl.when(_flag(head, _LAST))
     def _finish():
-        dk_ref[...] = (dk_acc[...] / scale).astype(dk_ref.dtype)
+        dk_ref[...] = (dk_acc[...] * sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def attention_dq(
-    q, k, v, key_mask, layout: BlockLayout, lse, do, delta, *, scale, num_heads, interpret=False,
-    vmem_limit_bytes: int | None = None,
-) -> jax.Array:
-    """dQ [BH, S, d]; ``delta = rowsum(o * do) - dlse`` [BH, S] float32, ``lse`` [BH, S] from the forward."""
-    _check(q, k, v, key_mask, layout, num_heads)
-    bh, s, d = q.shape
-    h = num_heads
+def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False,
+                 vmem_limit_bytes: int | None = None) -> jax.Array:
+    """dQ [B, S, H, d]; ``delta = rowsum(o * do) - dlse`` and ``lse`` are [B, S, H] float32."""
+    b, s, h, d = q.shape
+    q, k, v, do = (_to_rows(x) for x in (q, k, v, do))
+    lse, delta = (_to_rows(x) for x in (lse, delta))
     words = visit_words(layout.row_start, layout.row_count, layout.row_cols)
     (dq,) = _streamed_call(
-        functools.partial(_dq_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        functools.partial(_dq_kernel, sm_scale=sm_scale, precision=matmul_precision(q.dtype)),
         words,
         [
             _Operand(q, _seq_block(d), _at_major),
-            _Operand(do.astype(q.dtype), _seq_block(d), _at_major),
-            _Operand(_lane_bcast(lse.astype(jnp.float32)), _seq_block(_LANES), _at_major),
-            _Operand(_lane_bcast(delta.astype(jnp.float32)), _seq_block(_LANES), _at_major),
+            _Operand(do, _seq_block(d), _at_major),
+            _Operand(_lane_bcast(lse), _seq_block(_LANES), _at_major),
+            _Operand(_lane_bcast(delta), _seq_block(_LANES), _at_major),
             _Operand(k, _seq_block(d), _at_minor, per_slot=True),
             _Operand(v, _seq_block(d), _at_minor, per_slot=True),
-            _Operand(_block_rows(_mask_i32(key_mask)), (None, None, _SUBLANES, BLOCK),
-                     lambda b, i, j: (_batch(b, h), j, 0, 0), per_slot=True),
+            _Operand(_block_rows(_mask_i32(key_mask, b, s)), (None, None, _SUBLANES, BLOCK),
+                     lambda r, i, j: (_batch(r, h), j, 0, 0), per_slot=True),
         ],
-        [(jax.ShapeDtypeStruct((bh, s, d), q.dtype), _seq_block(d), _at_major)],
+        [(jax.ShapeDtypeStruct((b * h, s, d), q.dtype), _seq_block(d), _at_major)],
         [pltpu.VMEM((BLOCK, d), jnp.float32)],
         name="block_sparse_attention_tpu_dq",
         **_kw(vmem_limit_bytes, interpret),
     )
-    return dq
+    return _from_rows(dq, h)
 
 
-def attention_dkv(
-    q, k, v, key_mask, layout: BlockLayout, lse, do, delta, *, scale, num_heads, interpret=False,
-    vmem_limit_bytes: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(dK, dV) [BH, S, d] via the column view; key blocks nobody selected get zeros."""
-    _check(q, k, v, key_mask, layout, num_heads)
-    bh, s, d = q.shape
-    h = num_heads
+def attention_dkv(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False,
+                  vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(dK, dV) [B, S, H, d] via the column view; key blocks nobody selected get zeros."""
+    b, s, h, d = q.shape
+    q, k, v, do = (_to_rows(x) for x in (q, k, v, do))
+    lse, delta = (_to_rows(x) for x in (lse, delta))
     words = visit_words(layout.col_start, layout.col_count, layout.col_rows)
     rows_block = (None, None, _SUBLANES, BLOCK)
     dk, dv = _streamed_call(
-        functools.partial(_dkv_kernel, scale=float(scale), precision=_precision(q.dtype)),
+        functools.partial(_dkv_kernel, sm_scale=sm_scale, precision=matmul_precision(q.dtype)),
         words,
         [
             _Operand(k, _seq_block(d), _at_major),
             _Operand(v, _seq_block(d), _at_major),
-            _Operand(_lane_bcast(_mask_i32(key_mask)), _seq_block(_LANES), lambda b, j, i: (_batch(b, h), j, 0)),
+            _Operand(_lane_bcast(_mask_i32(key_mask, b, s)), _seq_block(_LANES),
+                     lambda r, j, i: (_batch(r, h), j, 0)),
             _Operand(q, _seq_block(d), _at_minor, per_slot=True),
-            _Operand(do.astype(q.dtype), _seq_block(d), _at_minor, per_slot=True),
-            _Operand(_block_rows(lse.astype(jnp.float32)), rows_block, _rows_at_minor, per_slot=True),
-            _Operand(_block_rows(delta.astype(jnp.float32)), rows_block, _rows_at_minor, per_slot=True),
+            _Operand(do, _seq_block(d), _at_minor, per_slot=True),
+            _Operand(_block_rows(lse), rows_block, _rows_at_minor, per_slot=True),
+            _Operand(_block_rows(delta), rows_block, _rows_at_minor, per_slot=True),
         ],
         [
-            (jax.ShapeDtypeStruct((bh, s, d), k.dtype), _seq_block(d), _at_major),
-            (jax.ShapeDtypeStruct((bh, s, d), v.dtype), _seq_block(d), _at_major),
+            (jax.ShapeDtypeStruct((b * h, s, d), k.dtype), _seq_block(d), _at_major),
+            (jax.ShapeDtypeStruct((b * h, s, d), v.dtype), _seq_block(d), _at_major),
         ],
         [pltpu.VMEM((BLOCK, d), jnp.float32), pltpu.VMEM((BLOCK, d), jnp.float32)],
         name="block_sparse_attention_tpu_dkv",
         **_kw(vmem_limit_bytes, interpret),
     )
-    return dk, dv
-
-
-def attention_backward(
-    q, k, v, key_mask, layout: BlockLayout, o, lse, do, dlse=None, *, scale, num_heads, interpret=False,
-    vmem_limit_bytes: int | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dQ, dK, dV) for cotangents ``do`` of ``o`` and ``dlse`` of ``lse`` (``None`` = zero)."""
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-    if dlse is not None:
-        delta = delta - dlse.astype(jnp.float32)
-    kw = dict(scale=scale, num_heads=num_heads, interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
-    dq = attention_dq(q, k, v, key_mask, layout, lse, do, delta, **kw)
-    dk, dv = attention_dkv(q, k, v, key_mask, layout, lse, do, delta, **kw)
-    return dq, dk, dv
+    return _from_rows(dk, h), _from_rows(dv, h)

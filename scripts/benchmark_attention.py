@@ -2,8 +2,9 @@
 
 Peers in the same run: `jax.nn.dot_product_attention` with implementation="cudnn" (GPU only) and "xla". Shapes as
 the design's goals: a fixed number of tokens per call (batch = tokens / seq), 12 heads of 64, bfloat16, MRA budget
-`(seq / 32) * block_per_row` pairs. Selection (low resolution + top-k) is timed on its own. Sizes that do not fit are
-reported as skipped. Usage:
+`(seq / 32) * block_per_row` pairs. Each stage of the MRA forward is also timed on its own ("full" mode, inputs
+precomputed): low resolution (block means and logits), selection + block lists, the high-resolution kernel, the
+combination; and `lax.top_k` as the selection's peer. Sizes that do not fit are reported as skipped. Usage:
   python scripts/benchmark_attention.py                      # 65,536 tokens at seq 512 ... 65536 (accelerator)
   python scripts/benchmark_attention.py --small              # a CPU-sized run (Pallas in interpret mode)
   python scripts/benchmark_attention.py --json results.json
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import platform
@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from mra_jax.attention import mra_attention
+from mra_jax.attention.combination import combine
 from mra_jax.attention.low_resolution import low_resolution
-from mra_jax.attention.selection import select_blocks
+from mra_jax.attention.selection import select_blocks, selected_pair_mask
+from pallas_kernels import block_sparse_attention, build_block_layout
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -50,19 +52,32 @@ def _variants(num_blocks: int, backend: str) -> dict:
     out = {"mra_pallas": mra("pallas"), "mra_reference": mra("reference"), "dense_xla": dense("xla")}
     if backend == "gpu":
         out["dense_cudnn"] = dense("cudnn")
-    if backend == "tpu":
-        del out["mra_pallas"]  # the TPU kernels are not wired in yet
     return out
 
 
-def selection(q: jax.Array, k: jax.Array, num_blocks: int, lax_top_k: bool = False) -> jax.Array:
-    """Stage 1 (block means and logits) and stage 2 (top-k) alone; ``lax_top_k`` for the peer selection."""
-    qh, kh = (x.transpose(0, 2, 1, 3).astype(jnp.float32) for x in (q, k))
-    ones = jnp.ones((q.shape[0], 1, q.shape[1]), jnp.float32)
-    low = low_resolution(qh, kh, None, ones, math.sqrt(q.shape[-1]))
-    if lax_top_k:
-        return jax.lax.top_k(low.scores.reshape(*low.scores.shape[:-2], -1), num_blocks)[1]
-    return select_blocks(low.scores, num_blocks)
+def stages(q, k, v, num_blocks: int, backend: str) -> dict:
+    """The four stages of the MRA forward as separate jitted functions with their inputs, in order."""
+    n, scale = q.shape[1] // 32, math.sqrt(q.shape[-1])
+    kernels = {"gpu": "gpu", "tpu": "tpu"}.get(backend, "reference")
+
+    def select(scores):
+        indices, bits = select_blocks(scores, num_blocks)
+        return build_block_layout(indices.reshape(-1, num_blocks), n, ascending=True), bits
+
+    low = jax.jit(lambda q, k, v: low_resolution(q, k, v, None, scale))(q, k, v)
+    layout, selected = jax.jit(select)(low.scores)
+    attend = jax.jit(lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, sm_scale=1 / scale,
+                                                                    backend=kernels))
+    o, lse = attend(q, k, v, layout)
+    return {
+        "low_resolution": (jax.jit(lambda q, k, v: low_resolution(q, k, v, None, scale)), (q, k, v)),
+        "selection_lists": (jax.jit(select), (low.scores,)),
+        "selection_lax_top_k": (jax.jit(lambda s: jax.lax.top_k(s.reshape(*s.shape[:-2], -1), num_blocks)[1]),
+                                (low.scores,)),
+        "kernel": (attend, (q, k, v, layout)),
+        "combination": (jax.jit(lambda o, lse, low, bits: combine(o, lse, low, selected_pair_mask(bits, n), None)),
+                        (o, lse, low, selected)),
+    }
 
 
 def run(seqs: list[int], tokens: int, heads: int, head_dim: int, block_per_row: int, dtype, repeats: int,
@@ -76,12 +91,11 @@ def run(seqs: list[int], tokens: int, heads: int, head_dim: int, block_per_row: 
         keys = jax.random.split(jax.random.key(0), 4)
         q, k, v, w = (jax.random.normal(kk, (batch, seq, heads, head_dim), dtype) for kk in keys)
         row = {"seq": seq, "batch": batch, "num_blocks": num_blocks}
-        for key, peer in (("selection_ms", False), ("selection_lax_top_k_ms", True)):
-            try:
-                fn = jax.jit(functools.partial(selection, num_blocks=num_blocks, lax_top_k=peer))
-                row[key] = _time(fn, q, k, repeats=repeats)
-            except Exception as e:  # report and go on (out of memory, unsupported)
-                row[key] = f"skipped: {type(e).__name__}"
+        try:
+            for name, (fn, args) in stages(q, k, v, num_blocks, backend).items():
+                row[f"stage_{name}_ms"] = _time(fn, *args, repeats=repeats)
+        except Exception as e:  # report and go on (out of memory, unsupported)
+            row["stage_low_resolution_ms"] = f"skipped: {type(e).__name__}"
         for name, fn in _variants(num_blocks, backend).items():
             if name in skip:
                 continue

@@ -1,4 +1,4 @@
-"""Inputs shared by the Pallas kernel tests (GPU and TPU kernels against the jnp reference)."""
+"""Inputs shared by the Pallas kernel tests (GPU and TPU kernels against the jnp reference), in [B, S, H, d]."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import rel_err
 
-from pallas_kernels import BLOCK
+from pallas_kernels import BLOCK, build_block_layout
 
-SCALE = 6.0
+SM_SCALE = 1.0 / 6.0
 
 
 def selection(rng, bh: int, n: int, k: int, kind: str) -> np.ndarray:
@@ -28,19 +28,20 @@ def selection(rng, bh: int, n: int, k: int, kind: str) -> np.ndarray:
     return np.stack(out).astype(np.int32)
 
 
-def make_key_mask(b: int, s: int, kind: str) -> np.ndarray:
+def make_key_mask(b: int, s: int, kind: str) -> np.ndarray | None:
+    """``None`` for "none"; for "padded": item 0 ends with a block and a half of padding (a fully padded key block,
+    a partial one), item 1 is all padding, further items have none."""
+    if kind == "none":
+        return None
     mask = np.ones((b, s), np.float32)
-    if kind == "padded":
-        # item 0: the last block and a half are padding (a fully padded key block, a partial one);
-        # item 1: all padding; further items: no padding.
-        mask[0, s - BLOCK - BLOCK // 2 :] = 0.0
-        mask[1, :] = 0.0
+    mask[0, s - BLOCK - BLOCK // 2 :] = 0.0
+    mask[1, :] = 0.0
     return mask
 
 
-def loss_and_grad(fn, key_mask, indices, w1, w2, num_heads):
+def loss_and_grad(fn, layout, key_mask, w1, w2):
     def loss(q, k, v):
-        o, lse = fn(q, k, v, key_mask, indices, scale=SCALE, num_heads=num_heads)
+        o, lse = fn(q, k, v, layout, key_mask, sm_scale=SM_SCALE)
         val = jnp.sum(o.astype(jnp.float32) * w1) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w2)
         return val, (o, lse)
 
@@ -48,16 +49,23 @@ def loss_and_grad(fn, key_mask, indices, w1, w2, num_heads):
 
 
 def problem(seed, *, b, h, s, d, dtype, sel, mask_kind, k=None):
+    """q, k, v [B, S, H, d]; the layout of a random selection; key mask (or None); loss weights."""
     rng = np.random.default_rng(seed)
     n = s // BLOCK
     k = k if k is not None else max(1, (n * n) // 3)
-    bh = b * h
-    q, kk, v = (jnp.asarray(rng.standard_normal((bh, s, d)), dtype) for _ in range(3))
-    indices = jnp.asarray(selection(rng, bh, n, k, sel))
-    key_mask = jnp.asarray(make_key_mask(b, s, mask_kind))
-    w1 = jnp.asarray(rng.standard_normal((bh, s, d)), jnp.float32)
-    w2 = jnp.asarray(rng.standard_normal((bh, s)), jnp.float32)
-    return q, kk, v, key_mask, indices, w1, w2
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for _ in range(3))
+    layout = build_block_layout(jnp.asarray(selection(rng, b * h, n, k, sel)), n)
+    key_mask = make_key_mask(b, s, mask_kind)
+    key_mask = None if key_mask is None else jnp.asarray(key_mask)
+    w1 = jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32)
+    return q, kk, v, layout, key_mask, w1, w2
+
+
+def rows(x: jax.Array) -> np.ndarray:
+    """[B, S, H, d] -> [B·H, n, 32, d] (float64), to index by layout row and block."""
+    b, s, h, d = x.shape
+    return np.asarray(x, np.float64).transpose(0, 2, 1, 3).reshape(b * h, s // BLOCK, BLOCK, d)
 
 
 def assert_matches_reference(q, got, want, *, dtype, sel: str, mask_kind: str) -> None:
@@ -67,7 +75,7 @@ def assert_matches_reference(q, got, want, *, dtype, sel: str, mask_kind: str) -
     o_ref, lse_ref, grads_ref = want
     tol_o, tol_g = (1e-5, 2e-5) if dtype == jnp.float32 else (2e-2, 2e-2)
     assert o.dtype == dtype and o.shape == q.shape
-    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
     o, lse, o_ref, lse_ref = (np.asarray(x, np.float64) for x in (o, lse, o_ref, lse_ref))
     assert not np.isnan(o).any() and not np.isnan(lse).any()
     assert rel_err(o, o_ref) < tol_o
@@ -80,7 +88,7 @@ def assert_matches_reference(q, got, want, *, dtype, sel: str, mask_kind: str) -
     if sel == "skewed" or mask_kind == "padded":
         assert empty.any()
     for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
-        assert g.shape == q.shape, name
+        assert g.shape == q.shape and g.dtype == dtype, name
         g = np.asarray(g, np.float64)
         assert np.isfinite(g).all(), name
         assert rel_err(g, g_ref) < tol_g, name

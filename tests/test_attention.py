@@ -160,17 +160,3 @@ def test_fractional_masks_truncate_like_hf():
     np.testing.assert_array_equal(np.asarray(mra_attention(q, k, v, half, num_blocks=2)), np.asarray(ref))
     bools = _lengths_mask([40], 64).astype(bool)
     np.testing.assert_array_equal(np.asarray(mra_attention(q, k, v, bools, num_blocks=2)), np.asarray(ref))
-
-
-def test_quantized_block_max_is_hfs_exact_division():
-    from mra_jax.attention.high_resolution import quantized_block_max
-
-    rng = np.random.default_rng(0)
-    values = rng.normal(0, 300, (64, 32)).astype(np.float32)
-    rows = np.repeat(np.arange(8), 8).astype(np.int32)
-    got = np.asarray(jax.jit(quantized_block_max, static_argnums=2)(values, rows, 9))
-    quantized = np.trunc(values * np.float32(1000)).astype(np.int64)
-    want = np.full((9, 32), -100000000, np.int64)
-    np.maximum.at(want, rows, quantized)
-    np.testing.assert_array_equal(got, (want / 1000).astype(np.float32))  # float64 division, rounded once
-    assert np.all(got[8] == -100000.0)

@@ -67,9 +67,15 @@ def _compare(q, k, v, mask, cotangent, **case):
 
     (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(bshd(q), bshd(k), bshd(v))
     for name, got, want in zip(("output", "grad_q", "grad_k", "grad_v"), (out, *grads), ref, strict=True):
-        # Relative to the largest value, floored at 1: a gradient that is ~0 by structure (a single unpadded
-        # token, where only HF's +1e-6 term depends on q) is float32 round-off (~1e-6) on both sides.
-        err = np.max(np.abs(np.asarray(got).transpose(0, 2, 1, 3) - want)) / max(np.max(np.abs(want)), 1.0)
+        got = np.asarray(got).transpose(0, 2, 1, 3)
+        if name != "output" and np.max(np.abs(want)) < 1e-4:
+            # Zero by structure (a sequence of one token attends to itself only): what remains on either side is
+            # the +1e-6 of the normaliser, which depends on the input through HF's reference max (up to 1.6e-5
+            # here) and through the log-sum-exp in mra-jax (smaller). Both must stay at that level.
+            assert np.max(np.abs(got)) < 1e-4, (name, np.max(np.abs(got)), case)
+            continue
+        # Relative to the largest value, floored at 1.
+        err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1.0)
         assert err < 1e-5, (name, err, case)
 
 

@@ -206,3 +206,66 @@ def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_
     again, none = predictor(_write(tmp_path / "nolabels.jsonl", unlabeled))
     assert none is None and again == predictions
     assert len(predictions) == 48
+
+
+def _regression_rows(n: int, seed: int) -> list[dict]:
+    """score = the number of "zebra" words (0, 1 or 2)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS[:-1]) for _ in range(rng.randint(6, 20))]
+        for _ in range(i % 3):
+            words[rng.randrange(len(words))] = "zebra"
+        rows.append({"text": " ".join(words), "label": float(words.count("zebra"))})
+    return rows
+
+
+def _multi_label_rows(n: int, seed: int) -> list[dict]:
+    """labels: "water" when "river" occurs, "sky" when "cloud" does (none, either or both; one token each)."""
+    rng = random.Random(seed)
+    background = [w for w in WORDS[:-1] if w not in ("river", "cloud")]
+    rows = []
+    for i in range(n):
+        words = [rng.choice(background) for _ in range(rng.randint(6, 20))]
+        spots = rng.sample(range(len(words)), 2)
+        if i % 2:
+            words[spots[0]] = "river"
+        if (i // 2) % 2:
+            words[spots[1]] = "cloud"
+        labels = [name for name, word in (("sky", "cloud"), ("water", "river")) if word in words]
+        rows.append({"text": " ".join(words), "label": labels})
+    return rows
+
+
+@pytest.mark.parametrize(("make_rows", "problem_type", "metric", "threshold", "steps"), [
+    (_regression_rows, "regression", "pearson", 0.8, 40),
+    (_multi_label_rows, "multi_label_classification", "micro_f1", 0.85, 120),  # chance (all positive): 0.67
+], ids=["regression", "multi_label"])
+def test_sequence_classification_problem_types(make_rows, problem_type, metric, threshold, steps, base_model, tmp_path,
+                                               monkeypatch):
+    """Regression (float labels) and multi-label (lists of names) with their default best metric (mse, micro_f1):
+    they learn, the export carries HF's problem_type and gives transformers' logits, predict reproduces the eval."""
+    from mra_jax.training import predict as predict_lib
+
+    train = _write(tmp_path / "train.jsonl", make_rows(400, 0))
+    evaluation = _write(tmp_path / "eval.jsonl", make_rows(48, 1))
+    cfg = load_config(FinetuneConfig, None, _finetune_overrides("sequence_classification", base_model,
+                                                                 tmp_path / "run", train, evaluation, steps=steps))
+    result = run(cfg)
+    assert result["eval"][f"eval_{metric}"] > threshold, result["eval"]
+    hf_dir = tmp_path / "run" / "hf"
+    assert json.loads((hf_dir / "config.json").read_text())["problem_type"] == problem_type
+    _assert_transformers_agrees("sequence_classification", "MraForSequenceClassification", hf_dir, cfg.data,
+                                monkeypatch)
+    best = {r["step"]: r for r in _records(tmp_path / "run") if "eval_loss" in r}[result["best_step"]]
+    _, metrics = predict_lib.Predictor(hf_dir, batch_size=16)(evaluation)
+    assert metrics[metric] == pytest.approx(best[f"eval_{metric}"], abs=1e-6)
+
+
+def test_best_metric_the_task_does_not_report_is_refused_before_training(base_model, tmp_path):
+    train = _write(tmp_path / "train.jsonl", _multi_label_rows(32, 0))
+    overrides = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, train)
+    cfg = load_config(FinetuneConfig, None, [*overrides, "best_metric=accuracy"])
+    with pytest.raises(ValueError, match=r"best_metric='accuracy' is not reported .*micro_f1, macro_f1, exact_match"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

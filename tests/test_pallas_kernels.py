@@ -1,7 +1,8 @@
-"""Block-sparse Pallas kernels (pallas_kernels): CSR layout, kernels vs references (CPU, interpret=True), CUDA lowering.
+"""Block-sparse Pallas kernels (pallas_kernels), one suite for both families: CSR layout, kernels vs the jnp
+reference on CPU (GPU kernels with ``interpret=True``, TPU kernels under the TPU interpreter), CUDA lowering.
 
-Every kernel call runs under ``interpret=True`` on CPU; shapes are tiny so the file stays well under a minute.  The
-lowering tests trace the non-interpreted kernels and lower them for CUDA (Triton custom calls), which needs no GPU.
+The TPU interpreter (``pltpu.InterpretParams()``) models SMEM/VMEM, the grid, the scalar-prefetch operands,
+out-of-bounds reads and uninitialised outputs.  Shapes are tiny so the file stays around a minute.
 """
 
 from __future__ import annotations
@@ -13,31 +14,50 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err as _rel
-from pallas_cases import SCALE, assert_matches_reference
-from pallas_cases import loss_and_grad as _loss_and_grad
-from pallas_cases import problem as _problem
-from pallas_cases import selection as _selection
+from jax.experimental.pallas import tpu as pltpu
+from pallas_cases import SM_SCALE, assert_matches_reference, loss_and_grad, problem, rows, selection
 
-from pallas_kernels import (
-    BLOCK,
-    block_sparse_attention,
-    block_sparse_attention_reference,
-    build_block_layout,
-)
+from pallas_kernels import BLOCK, block_sparse_attention, build_block_layout
 
-# ----------------------------------------------------------------------------------------------------------------------
-# helpers
+reference = functools.partial(block_sparse_attention, backend="reference")
 
 
-def _dense_reference(q, k, v, key_mask, indices, *, scale, num_heads):
-    """Materialised [BH, S, S] masked softmax (float32); independent of the gather reference."""
-    bh, s, _ = q.shape
-    n = s // BLOCK
-    blk = jnp.zeros((bh, n * n), bool).at[jnp.arange(bh)[:, None], indices].set(True).reshape(bh, n, n)
-    tok = jnp.repeat(jnp.repeat(blk, BLOCK, axis=1), BLOCK, axis=2)
-    tok = tok & jnp.repeat(key_mask != 0, num_heads, axis=0)[:, None, :]
+def kernels(backend: str, interpret=None):
+    if interpret is None:
+        interpret = pltpu.InterpretParams() if backend == "tpu" else True
+    return functools.partial(block_sparse_attention, backend=backend, interpret=interpret)
+
+
+def _races_found() -> bool:
+    """The TPU interpreter's race flag (a private module: if it moves, the test fails rather than check nothing)."""
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+        return bool(ipc.races.races_found)
+    except (ImportError, AttributeError) as e:  # pragma: no cover
+        pytest.fail(f"cannot read the TPU interpreter's race flag with jax {jax.__version__}: {e}")
+
+
+def _selected_blocks(layout) -> np.ndarray:
+    """[BH, n, n] bool of the selected pairs, read back from the row view."""
+    lay = jax.tree.map(np.asarray, layout)
+    bh, n = lay.row_start.shape
+    blk = np.zeros((bh, n, n), bool)
+    for r in range(bh):
+        for i in range(n):
+            blk[r, i, lay.row_cols[r, lay.row_start[r, i] : lay.row_start[r, i] + lay.row_count[r, i]]] = True
+    return blk
+
+
+def _dense_reference(q, k, v, blk, key_mask, *, sm_scale):
+    """Materialised [B, H, S, S] masked softmax (float32) of the pairs ``blk``; independent of the gather
+    reference."""
+    b, s, h, _ = q.shape
+    tok = np.repeat(np.repeat(blk, BLOCK, axis=1), BLOCK, axis=2).reshape(b, h, s, s)
+    if key_mask is not None:
+        tok = tok & (key_mask != 0)[:, None, None, :]
     hi = jax.lax.Precision.HIGHEST
-    logits = jnp.einsum("bqd,bkd->bqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) / scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * sm_scale
     logits = jnp.where(tok, logits, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -45,25 +65,25 @@ def _dense_reference(q, k, v, key_mask, indices, *, scale, num_heads):
     denom = jnp.sum(p, axis=-1)
     pos = denom > 0
     ds = jnp.where(pos, denom, 1.0)
-    o = jnp.einsum("bqk,bkd->bqd", p, v.astype(jnp.float32), precision=hi) / ds[..., None]
-    o = jnp.where(pos[..., None], o, 0.0).astype(q.dtype)
-    lse = jnp.where(pos, m[..., 0] + jnp.log(ds), -jnp.inf)
+    o = jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32), precision=hi) / ds[..., None]
+    o = jnp.where(pos[..., None], o, 0.0).transpose(0, 2, 1, 3).astype(q.dtype)
+    lse = jnp.where(pos, m[..., 0] + jnp.log(ds), -jnp.inf).transpose(0, 2, 1)
     return o, lse
-
-
-_kernel = functools.partial(block_sparse_attention, interpret=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # layout
 
 
-def test_layout_row_and_column_views():
+@pytest.mark.parametrize("ascending", [False, True])
+def test_layout_row_and_column_views(ascending):
     rng = np.random.default_rng(0)
     bh, n, k = 4, 5, 7
-    idx = _selection(rng, bh, n, k, "random")
-    idx[3] = _selection(rng, 1, n, k, "skewed")[0]
-    lay = jax.jit(build_block_layout, static_argnums=1)(jnp.asarray(idx), n)
+    idx = selection(rng, bh, n, k, "random")
+    idx[3] = selection(rng, 1, n, k, "skewed")[0]
+    if ascending:
+        idx = np.sort(idx, axis=-1)
+    lay = jax.jit(functools.partial(build_block_layout, ascending=ascending), static_argnums=1)(jnp.asarray(idx), n)
     lay = jax.tree.map(np.asarray, lay)
     for a in lay:
         assert a.dtype == np.int32
@@ -87,11 +107,12 @@ def test_layout_row_and_column_views():
 # references agree
 
 
-def test_gather_reference_matches_dense():
-    args = _problem(1, b=3, h=2, s=128, d=32, dtype=jnp.float32, sel="skewed", mask_kind="padded")
-    q, k, v, key_mask, indices, w1, w2 = args
-    (_, (o1, l1)), g1 = _loss_and_grad(block_sparse_attention_reference, key_mask, indices, w1, w2, 2)(q, k, v)
-    (_, (o2, l2)), g2 = _loss_and_grad(_dense_reference, key_mask, indices, w1, w2, 2)(q, k, v)
+@pytest.mark.parametrize("mask_kind", ["padded", "none"])
+def test_gather_reference_matches_dense(mask_kind):
+    q, k, v, layout, key_mask, w1, w2 = problem(1, b=3, h=2, s=128, d=32, dtype=jnp.float32, sel="skewed",
+                                                mask_kind=mask_kind)
+    (_, (o1, l1)), g1 = loss_and_grad(reference, layout, key_mask, w1, w2)(q, k, v)
+    (_, (o2, l2)), g2 = loss_and_grad(_dense_reference, _selected_blocks(layout), key_mask, w1, w2)(q, k, v)
     assert _rel(o1, o2) < 1e-6
     np.testing.assert_array_equal(np.isneginf(l1), np.isneginf(l2))
     fin = np.isfinite(np.asarray(l2))
@@ -105,69 +126,84 @@ def test_gather_reference_matches_dense():
 # kernels vs reference (interpret mode)
 
 CASES = [
-    # dtype, d, S, selection, key mask, (B, H)
-    pytest.param(jnp.float32, 32, 128, "random", "none", (2, 2), id="f32-d32-random"),
-    pytest.param(jnp.float32, 64, 128, "skewed", "padded", (3, 2), id="f32-d64-skewed-padded"),
-    pytest.param(jnp.float32, 48, 224, "random", "padded", (2, 2), id="f32-d48-n7-random-padded"),
-    pytest.param(jnp.float32, 128, 96, "random", "none", (1, 2), id="f32-d128-n3"),
-    pytest.param(jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), id="bf16-d64-skewed-padded"),
-    pytest.param(jnp.bfloat16, 48, 224, "random", "none", (2, 1), id="bf16-d48-n7-random"),
+    # backend, dtype, d, S, selection, key mask, (B, H), interpret (None: the family's default interpreter)
+    pytest.param("gpu", jnp.float32, 32, 128, "random", "none", (2, 2), None, id="gpu-f32-d32-random"),
+    pytest.param("gpu", jnp.float32, 64, 128, "skewed", "padded", (3, 2), None, id="gpu-f32-d64-skewed-padded"),
+    pytest.param("gpu", jnp.float32, 48, 224, "random", "padded", (2, 2), None, id="gpu-f32-d48-n7-random-padded"),
+    pytest.param("gpu", jnp.float32, 128, 96, "random", "none", (1, 2), None, id="gpu-f32-d128-n3"),
+    pytest.param("gpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), None, id="gpu-bf16-d64-skewed-padded"),
+    pytest.param("gpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), None, id="gpu-bf16-d48-n7-random"),
+    pytest.param("tpu", jnp.float32, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-f32-d64-skewed-padded"),
+    pytest.param("tpu", jnp.float32, 48, 224, "random", "padded", (2, 2), None, id="tpu-f32-d48-S224-random-padded"),
+    pytest.param("tpu", jnp.float32, 128, 256, "random", "none", (1, 2), "races", id="tpu-f32-d128-S256-races"),
+    pytest.param("tpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-bf16-d64-skewed-padded"),
+    pytest.param("tpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), True, id="tpu-bf16-d48-interpret-true"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "d", "s", "sel", "mask_kind", "bh_shape"), CASES)
-def test_kernel_matches_reference(dtype, d, s, sel, mask_kind, bh_shape):
+@pytest.mark.parametrize(("backend", "dtype", "d", "s", "sel", "mask_kind", "bh_shape", "interpret"), CASES)
+def test_kernel_matches_reference(backend, dtype, d, s, sel, mask_kind, bh_shape, interpret):
     b, h = bh_shape
+    races = interpret == "races"
+    if races:  # two simulated cores splitting the "parallel" BH axis, with the happens-before race detector
+        interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     seed = d * 1000 + s + (sel == "skewed") + 2 * (mask_kind == "padded")
-    q, k, v, key_mask, indices, w1, w2 = _problem(
-        seed, b=b, h=h, s=s, d=d, dtype=dtype, sel=sel, mask_kind=mask_kind
-    )
-    (_, (o, lse)), grads = _loss_and_grad(_kernel, key_mask, indices, w1, w2, h)(q, k, v)
-    (_, (o_ref, lse_ref)), grads_ref = _loss_and_grad(block_sparse_attention_reference, key_mask, indices, w1, w2, h)(
-        q, k, v
-    )
+    q, k, v, layout, key_mask, w1, w2 = problem(seed, b=b, h=h, s=s, d=d, dtype=dtype, sel=sel, mask_kind=mask_kind)
+    (_, (o, lse)), grads = loss_and_grad(kernels(backend, interpret), layout, key_mask, w1, w2)(q, k, v)
+    (_, (o_ref, lse_ref)), grads_ref = loss_and_grad(reference, layout, key_mask, w1, w2)(q, k, v)
+    if races:
+        assert not _races_found()
     assert_matches_reference(q, (o, lse, grads), (o_ref, lse_ref, grads_ref), dtype=dtype, sel=sel,
                              mask_kind=mask_kind)
 
     if sel == "skewed":
-        # rows / columns that nobody selected get exactly zero gradients (no uninitialised output)
-        n = s // BLOCK
-        lay = jax.tree.map(np.asarray, build_block_layout(indices, n))
-        dq, dk, dv = (np.asarray(x, np.float64).reshape(b * h, n, BLOCK, d) for x in grads)
+        # query rows / key columns that nobody selected get exactly zero gradients (no uninitialised output)
+        lay = jax.tree.map(np.asarray, layout)
+        dq, dk, dv = (rows(x) for x in grads)
         assert (lay.row_count == 0).any() and (lay.col_count == 0).any()
         assert (dq[lay.row_count == 0] == 0).all()
         assert (dk[lay.col_count == 0] == 0).all() and (dv[lay.col_count == 0] == 0).all()
 
 
-def test_padded_keys_have_zero_probability():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_padded_keys_have_zero_probability(backend):
     b, h, s, d = 3, 2, 128, 32
-    q, k, v, key_mask, indices, _, _ = _problem(7, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="random",
-                                                mask_kind="padded", k=8)
-    pad = np.repeat(np.asarray(key_mask) == 0, h, axis=0)[..., None]  # [BH, S, 1]
-    noise = jnp.asarray(np.where(pad, 1e3, 0.0), jnp.float32)
-    f = jax.jit(functools.partial(_kernel, scale=SCALE, num_heads=h))
-    o1, l1 = f(q, k, v, key_mask, indices)
-    o2, l2 = f(q, k + noise, v - noise, key_mask, indices)
+    q, k, v, layout, key_mask, _, _ = problem(7, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="random",
+                                              mask_kind="padded", k=8)
+    noise = jnp.asarray(np.where(np.asarray(key_mask) == 0, 1e3, 0.0)[:, :, None, None], jnp.float32)
+    f = jax.jit(functools.partial(kernels(backend), sm_scale=SM_SCALE))
+    o1, l1 = f(q, k, v, layout, key_mask)
+    o2, l2 = f(q, k + noise, v - noise, layout, key_mask)
     np.testing.assert_array_equal(np.asarray(o1), np.asarray(o2))
     np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
     # the all-padding batch item (b = 1) sees nothing
-    assert (np.asarray(o1)[h : 2 * h] == 0).all() and np.isneginf(np.asarray(l1)[h : 2 * h]).all()
+    assert (np.asarray(o1)[1] == 0).all() and np.isneginf(np.asarray(l1)[1]).all()
 
 
-def test_lse_only_and_o_only_cotangents():
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "reference"])
+def test_no_mask_equals_a_mask_of_ones(backend):
+    """``key_mask=None`` (the GPU kernels' variant without mask loads) gives what an all-ones mask gives."""
+    q, k, v, layout, _, _, _ = problem(5, b=2, h=2, s=96, d=32, dtype=jnp.float32, sel="random", mask_kind="none")
+    f = functools.partial(kernels(backend) if backend != "reference" else reference, sm_scale=SM_SCALE)
+    for x, y in zip(f(q, k, v, layout, None), f(q, k, v, layout, jnp.ones((2, 96))), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_lse_only_and_o_only_cotangents(backend):
     """The custom VJP handles a zero cotangent for either output."""
-    q, k, v, key_mask, indices, _, _ = _problem(3, b=1, h=2, s=96, d=32, dtype=jnp.float32, sel="skewed",
-                                                mask_kind="none", k=2)
+    q, k, v, layout, key_mask, _, _ = problem(3, b=1, h=2, s=96, d=32, dtype=jnp.float32, sel="skewed",
+                                              mask_kind="none", k=2)
 
     def grads(fn, which):
         def loss(q, k, v):
-            o, lse = fn(q, k, v, key_mask, indices, scale=SCALE, num_heads=2)
+            o, lse = fn(q, k, v, layout, key_mask, sm_scale=SM_SCALE)
             return jnp.sum(o**2) if which == "o" else jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     for which in ("o", "lse"):
-        for g, g_ref in zip(grads(_kernel, which), grads(block_sparse_attention_reference, which), strict=True):
+        for g, g_ref in zip(grads(kernels(backend), which), grads(reference, which), strict=True):
             assert _rel(g, g_ref) < 2e-5
 
 
@@ -176,16 +212,18 @@ def test_lse_only_and_o_only_cotangents():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "d", "s", "k"),
-    [(jnp.float32, 64, 128, 6), (jnp.bfloat16, 48, 224, 10), (jnp.float32, 128, 96, 4), (jnp.bfloat16, 32, 256, 7)],
+    ("dtype", "d", "s", "k", "masked"),
+    [(jnp.float32, 64, 128, 6, True), (jnp.bfloat16, 48, 224, 10, False), (jnp.float32, 128, 96, 4, False),
+     (jnp.bfloat16, 32, 256, 7, True)],
 )
-def test_lowers_for_cuda(dtype, d, s, k):
-    b, h = 2, 3
+def test_lowers_for_cuda(dtype, d, s, k, masked):
+    b, h, n = 2, 3, s // BLOCK
     shp = jax.ShapeDtypeStruct
-    args = (shp((b * h, s, d), dtype),) * 3 + (shp((b, s), jnp.float32), shp((b * h, k), jnp.int32))
+    args = (shp((b, s, h, d), dtype),) * 3 + (shp((b, s), jnp.float32), shp((b * h, k), jnp.int32))
 
     def fwd(q, k, v, mask, idx):
-        return block_sparse_attention(q, k, v, mask, idx, scale=SCALE, num_heads=h)
+        return block_sparse_attention(q, k, v, build_block_layout(idx, n), mask if masked else None,
+                                      sm_scale=SM_SCALE)
 
     def loss(q, k, v, mask, idx):
         o, lse = fwd(q, k, v, mask, idx)
@@ -197,12 +235,22 @@ def test_lowers_for_cuda(dtype, d, s, k):
     assert bwd_txt.count("xla.gpu.triton") == 3  # forward, dq, dkv
     for name in ("block_sparse_attention_fwd", "block_sparse_attention_dq", "block_sparse_attention_dkv"):
         assert name in bwd_txt
+    if d in (32, 64, 128):  # the callers' layout goes in and out as it is: no transposes around the kernels
+        assert "transpose" not in fwd_txt
 
 
-def test_rejects_bad_shapes():
-    q = jnp.zeros((2, 40, 32), jnp.float32)
+def test_rejects_bad_shapes_and_backends():
+    lay = build_block_layout(jnp.zeros((2, 1), jnp.int32), 2)
+    q = jnp.zeros((1, 40, 2, 32), jnp.float32)
     with pytest.raises(ValueError, match="multiple of 32"):
-        block_sparse_attention(q, q, q, jnp.ones((1, 40)), jnp.zeros((2, 1), jnp.int32), scale=1.0, num_heads=2)
-    q = jnp.zeros((2, 64, 32), jnp.float32)
+        block_sparse_attention(q, q, q, lay, None, sm_scale=1.0)
+    q = jnp.zeros((1, 64, 2, 32), jnp.float32)
     with pytest.raises(ValueError, match="key_mask"):
-        block_sparse_attention(q, q, q, jnp.ones((2, 64)), jnp.zeros((2, 1), jnp.int32), scale=1.0, num_heads=2)
+        block_sparse_attention(q, q, q, lay, jnp.ones((2, 64)), sm_scale=1.0)
+    with pytest.raises(ValueError, match="layout"):
+        block_sparse_attention(jnp.zeros((2, 64, 2, 32)), jnp.zeros((2, 64, 2, 32)), jnp.zeros((2, 64, 2, 32)), lay,
+                               sm_scale=1.0)
+    with pytest.raises(ValueError, match="B, S, H, d"):
+        block_sparse_attention(q[0], q[0], q[0], lay, sm_scale=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        block_sparse_attention(q, q, q, lay, sm_scale=1.0, backend="cuda")

@@ -205,15 +205,32 @@ def test_add_priors_bonuses_by_hand():
 def test_select_blocks_takes_priors_first_and_breaks_ties_by_lowest_index():
     from mra_jax.attention.selection import select_blocks
 
+    def indices(*args, **kwargs):
+        return np.asarray(select_blocks(*args, **kwargs)[0])
+
     zero = jnp.zeros((4, 4), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(select_blocks(zero, 3)), [0, 1, 2])  # all tied: lowest flat indices
+    np.testing.assert_array_equal(indices(zero, 3), [0, 1, 2])  # all tied: lowest flat indices
     # first_n 1: the corner (10000), then the 5000s of row 0 and column 0 (1, 2, 3, 4, 8, 12) by index.
-    np.testing.assert_array_equal(np.asarray(select_blocks(zero, 5, first_n_blocks=1)), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(indices(zero, 5, first_n_blocks=1), [0, 1, 2, 3, 4])
     # the priors beat any plausible score: a large score elsewhere comes after them
     scores = zero.at[3, 2].set(100.0)
-    np.testing.assert_array_equal(np.asarray(select_blocks(scores, 5, diagonal_n_blocks=1)), [0, 5, 10, 14, 15])
+    np.testing.assert_array_equal(indices(scores, 5, diagonal_n_blocks=1), [0, 5, 10, 14, 15])
     rng = np.random.default_rng(0)
     s = rng.normal(size=(2, 6, 6)).astype(np.float32)
-    got = np.asarray(select_blocks(jnp.asarray(s), 7))
     want = np.sort(np.argsort(-s.reshape(2, 36), axis=-1, kind="stable")[:, :7], axis=-1)
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(indices(jnp.asarray(s), 7), want)
+
+
+@pytest.mark.parametrize(("n", "k"), [(6, 7), (6, 36), (9, 20), (3, 1)])
+def test_selected_pair_mask_from_the_bits_is_the_set_of_the_indices(n, k):
+    """The packed bits that the selection returns unpack to exactly its indices (also past a word boundary, for a
+    partial last word and for k = n * n)."""
+    from mra_jax.attention.selection import select_blocks, selected_pair_mask
+
+    s = jnp.asarray(np.random.default_rng(n * k).normal(size=(2, 3, n, n)).astype(np.float32))
+    idx, bits = select_blocks(s, k)
+    assert bits.dtype == jnp.uint32 and bits.shape == (2, 3, -(-n * n // 32))
+    mask = np.asarray(selected_pair_mask(bits, n)).reshape(2, 3, n * n)
+    want = np.zeros((2, 3, n * n), np.float32)
+    np.put_along_axis(want, np.asarray(idx), 1.0, axis=-1)
+    np.testing.assert_array_equal(mask, want)

@@ -168,6 +168,14 @@ def test_sequence_classification_single_label_pairs_truncation(tok):
     assert enc.label_names == ["2", "10"] and [int(f["labels"]) for f in enc.features] == [1, 0]
     enc = encode(SC, [{"text": "a", "label": "x"}], tok, TaskDataConfig(labels=["y", "x"]), file="f")
     assert enc.label_names == ["y", "x"] and int(enc.features[0]["labels"]) == 1
+    # num_labels: integer classes 0 .. N-1 as they are (none missing or renumbered), one outside named by row
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 2}, {"text": "c", "label": 5}]
+    enc = encode(SC, rows, tok, TaskDataConfig(num_labels=6), file="f")
+    assert enc.label_names == [str(i) for i in range(6)] and [int(f["labels"]) for f in enc.features] == [0, 2, 5]
+    with pytest.raises(ValueError, match=r"f: row 3: field 'label': label '5' is not one of the 3 label names"):
+        encode(SC, rows, tok, TaskDataConfig(num_labels=3), file="f")
+    with pytest.raises(ValueError, match=r"num_labels=3 must be positive and match the 2 names"):
+        encode(SC, rows, tok, TaskDataConfig(num_labels=3, labels=["a", "b"]), file="f")
 
 
 def test_sequence_classification_regression_and_multi_label(tok):

@@ -282,3 +282,27 @@ def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(t
                                          r"\['params'\]\['w'\] differs from the checksums"):
         restore(2)
     ckpts.close()
+
+
+def test_training_checkpoints_keep_the_best_by_metric_beside_the_latest(tmp_path):
+    """keep=1 with a best metric: of four saves whose accuracy peaks at the second, the second (best) and the fourth
+    (latest) stay on disk, and best_step names the second; with mode "min" the best is the lowest."""
+    import grain
+
+    from mra_jax.training.checkpointing import TrainCheckpoints
+
+    tiny = mra_jax.MraConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                             intermediate_size=8, max_position_embeddings=64)
+    optimizer = optax.sgd(1e-3)
+    for mode, best in (("max", 2), ("min", 3)):
+        ckpts = TrainCheckpoints(tmp_path / mode, keep=1, best_metric="accuracy", best_mode=mode)
+        for step, accuracy in zip((1, 2, 3, 4), (0.5, 0.9, 0.2, 0.7), strict=True):
+            params = {"w": jnp.full((4,), float(step))}
+            state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                                        opt_state=optimizer.init(params))
+            ckpts.save(state, iter(grain.MapDataset.range(4).to_iter_dataset()), tiny, {"seed": 0},
+                       metrics={"accuracy": accuracy})
+        ckpts.wait()
+        assert ckpts.best_step() == best and ckpts.latest_step() == 4
+        assert sorted(int(p.name) for p in (tmp_path / mode).iterdir() if p.name.isdigit()) == [best, 4]
+        ckpts.close()

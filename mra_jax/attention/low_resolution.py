@@ -16,18 +16,12 @@ EPS = 1e-6
 """HF's ``+1e-6`` in block means and in the final normaliser."""
 
 
-def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
-    """Full float32 products for float32 inputs (as HF; GPUs would use TF32 and TPUs bfloat16 by default, which
-    can change the block selection); the backend default for lower precisions."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-
-
 class LowResolution(NamedTuple):
     """Block-level quantities of one attention call; leading axes ``[batch, heads]``.
 
     logits: ``[.., n, n]`` block logits with the padding penalty applied.
     row_max: ``[.., n, 1]`` row max of the logits taken *before* the penalty (HF's order).
-    token_count: ``[.., n]`` unpadded tokens per block (float, no gradient).
+    token_count: ``[.., n]`` unpadded tokens per block (float, no gradient; heads axis 1).
     value_hat: ``[.., n, d]`` masked block means of the values, or ``None`` when not needed.
     scores: ``[.., n, n]`` ``logits - row_max`` for the block selection (no gradient).
     """
@@ -39,25 +33,36 @@ class LowResolution(NamedTuple):
     scores: jax.Array
 
 
-def block_sums(x: jax.Array) -> jax.Array:
-    """``[.., S, d] -> [.., S/32, d]`` sums over each block of 32 tokens."""
-    *lead, s, d = x.shape
-    return x.reshape(*lead, s // BLOCK_SIZE, BLOCK_SIZE, d).sum(axis=-2)
+def block_means(x: jax.Array, mask: jax.Array | None, denom: jax.Array) -> jax.Array:
+    """``[B, S, H, d]`` (any float dtype) -> ``[B, H, n, d]`` float32 means over each block of 32 tokens.
 
-
-def low_resolution(query: jax.Array, key: jax.Array, value: jax.Array | None, mask: jax.Array,
-                   scale: float) -> LowResolution:
-    """Block means of masked ``query``/``key``/``value`` (``[.., S, d]``, float32) and their logits.
-
-    ``mask`` is ``[.., S]`` float 0/1 (broadcastable against the leading axes). The means divide by
-    ``count + 1e-6`` (HF's formula, also with an all-ones mask).
+    One masked reduction of the input with float32 accumulation (no float32 copy of ``x``); ``mask`` is ``[B, S]``
+    0/1 or ``None``, ``denom`` ``[B, 1, n]``.
     """
-    *lead, s = mask.shape
-    count = jax.lax.stop_gradient(mask.reshape(*lead, s // BLOCK_SIZE, BLOCK_SIZE).sum(axis=-1))
-    denom = (count + EPS)[..., None]
-    query_hat = block_sums(query) / denom
-    key_hat = block_sums(key) / denom
-    value_hat = None if value is None else block_sums(value) / denom
+    b, s, h, d = x.shape
+    blocks = x.reshape(b, s // BLOCK_SIZE, BLOCK_SIZE, h, d)
+    if mask is not None:
+        blocks = blocks * mask.reshape(b, s // BLOCK_SIZE, BLOCK_SIZE, 1, 1).astype(x.dtype)
+    sums = jnp.sum(blocks, axis=2, dtype=jnp.float32)  # [B, n, H, d]
+    return sums.transpose(0, 2, 1, 3) / denom[..., None]
+
+
+def low_resolution(query: jax.Array, key: jax.Array, value: jax.Array | None, mask: jax.Array | None,
+                   scale: float) -> LowResolution:
+    """Block means of ``query``/``key``/``value`` (``[B, S, H, d]``) over the tokens of ``mask`` (``[B, S]`` float
+    0/1, ``None`` = all) and their logits, divided by ``scale``.
+
+    The means divide by ``count + 1e-6`` (HF's formula, also without padding).
+    """
+    b, s = query.shape[:2]
+    n = s // BLOCK_SIZE
+    if mask is None:
+        count = jnp.full((b, 1, n), float(BLOCK_SIZE), jnp.float32)
+    else:
+        count = jax.lax.stop_gradient(mask.reshape(b, 1, n, BLOCK_SIZE).sum(axis=-1))
+    denom = count + EPS
+    query_hat, key_hat = block_means(query, mask, denom), block_means(key, mask, denom)
+    value_hat = None if value is None else block_means(value, mask, denom)
     products = jnp.einsum("...id,...jd->...ij", query_hat, key_hat, precision=jax.lax.Precision.HIGHEST)
     logits = products / scale
     row_max = jnp.max(logits, axis=-1, keepdims=True)

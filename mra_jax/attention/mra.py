@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mra_jax.attention.combination import combine
-from mra_jax.attention.high_resolution import high_resolution_pallas, high_resolution_reference
 from mra_jax.attention.low_resolution import low_resolution
 from mra_jax.attention.selection import select_blocks, selected_pair_mask
 from mra_jax.configuration import BLOCK_SIZE
+from pallas_kernels import block_sparse_attention, build_block_layout
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu")
 APPROX_MODES = ("full", "sparse")
@@ -98,28 +98,23 @@ def mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.
 def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, num_blocks: int,
                    full: bool, first_n: int, diagonal_n: int, implementation: str, interpret: bool) -> jax.Array:
     """`mra_attention` on checked arguments, jitted (one compiled program for an eager call instead of hundreds of
-    small ones; inlined under an outer ``jax.jit``)."""
-    batch, seq, _, head_dim = query.shape
+    small ones; inlined under an outer ``jax.jit``). Everything stays in the callers' ``[B, S, H, d]`` layout."""
+    batch, seq, heads, head_dim = query.shape
     n = -(-seq // BLOCK_SIZE)
-    padded = n * BLOCK_SIZE
-    scale = math.sqrt(head_dim)
+    tokens = None if mask is None else token_mask(mask)
+    if n * BLOCK_SIZE != seq:  # pad to whole blocks with masked positions
+        pad = n * BLOCK_SIZE - seq
+        tokens = jnp.pad(jnp.ones((batch, seq), jnp.int32) if tokens is None else tokens, ((0, 0), (0, pad)))
+        query, key, value = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (query, key, value))
+    mask_f = None if tokens is None else tokens.astype(jnp.float32)
 
-    mask = jnp.ones((batch, seq), jnp.int32) if mask is None else token_mask(mask)
-    mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, padded - seq)))
-    # [B, S, H, d] -> [B, H, S, d], padded and masked.
-    q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-               * mask[:, None, :, None].astype(x.dtype) for x in (query, key, value))
-    head_mask = mask[:, None, :]
-
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    low = low_resolution(f32[0], f32[1], f32[2] if full else None, head_mask, scale)
+    low = low_resolution(query, key, value if full else None, mask_f, math.sqrt(head_dim))
     if not full:
         low = jax.tree.map(jax.lax.stop_gradient, low)
-    indices = select_blocks(low.scores, num_blocks, first_n, diagonal_n)
-    if implementation == "reference":
-        high = high_resolution_reference(q, k, v, mask, indices, scale)
-    else:
-        kernels = implementation.removeprefix("pallas_")
-        high = high_resolution_pallas(q, k, v, mask, indices, scale, kernels, interpret=interpret)
-    out = combine(high, low if full else None, selected_pair_mask(indices, n) if full else None, head_mask)
-    return out.transpose(0, 2, 1, 3)[:, :seq].astype(query.dtype)
+    indices, bits = select_blocks(low.scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
+    layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
+    backend = implementation.removeprefix("pallas_")  # "reference", "gpu" or "tpu"
+    o, lse = block_sparse_attention(query, key, value, layout, tokens, sm_scale=1.0 / math.sqrt(head_dim),
+                                    backend=backend, interpret=interpret)
+    out = combine(o, lse, low if full else None, selected_pair_mask(bits, n) if full else None, mask_f)
+    return out[:, :seq].astype(query.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selection import topk_indices
+from pallas_kernels.selection import topk_selection, unpack_bits
 
 PRIOR_BONUS = 5000.0
 """HF's additive bonus for the pairs a prior forces into the selection."""
@@ -32,28 +32,28 @@ def add_priors(scores: jax.Array, first_n_blocks: int, diagonal_n_blocks: int) -
 
 
 def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0,
-                  diagonal_n_blocks: int = 0) -> jax.Array:
+                  diagonal_n_blocks: int = 0) -> tuple[jax.Array, jax.Array]:
     """Global top-``num_blocks`` of the ``n * n`` pairs of ``[.., n, n]`` scores, per leading index.
 
     Returns int32 flat pair indices ``i * n + j`` (i = query block, j = key block), ``[.., num_blocks]``, in
-    ascending order. Ties keep the lowest flat indices, as HF's CUDA top-k does. No gradient.
+    ascending order (the row view of the block lists as they are), and the same set as packed bits
+    ``[.., ceil(n * n / 32)]`` (see `selected_pair_mask`). Ties keep the lowest flat indices, as HF's CUDA top-k
+    does. No gradient.
     """
     n = scores.shape[-1]
     if not 0 < num_blocks <= n * n:
         raise ValueError(f"num_blocks must be in [1, {n * n}] for {n} blocks per row, got {num_blocks}")
     scores = add_priors(jax.lax.stop_gradient(scores), first_n_blocks, diagonal_n_blocks)
     # The same set as lax.top_k (ties included) by radix selection, several times faster at large n * n.
-    return topk_indices(scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32), num_blocks)
+    return topk_selection(scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32), num_blocks)
 
 
-def selected_pair_mask(indices: jax.Array, n: int) -> jax.Array:
-    """``[.., k]`` flat pair indices -> ``[.., n, n]`` float 0/1 mask of the selected pairs.
+def selected_pair_mask(bits: jax.Array, n: int) -> jax.Array:
+    """Packed selection bits ``[.., ceil(n * n / 32)]`` -> ``[.., n, n]`` float 0/1 mask of the selected pairs
+    (elementwise, so it fuses into the low-resolution weights instead of being scattered into memory).
 
     The low-resolution part of "full" mode covers exactly the complement of this set. (HF marks every pair
     scoring at least the k-th value, so pairs tied at the threshold but left out by top-k fall out of both
     parts; without ties the two agree.)
     """
-    lead = indices.shape[:-1]
-    flat = indices.reshape(-1, indices.shape[-1])
-    dense = jax.vmap(lambda idx: jnp.zeros((n * n,), jnp.float32).at[idx].set(1.0))(flat)
-    return dense.reshape(*lead, n, n)
+    return unpack_bits(bits, n * n).reshape(*bits.shape[:-1], n, n).astype(jnp.float32)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mra_jax.attention.low_resolution import matmul_precision
 from mra_jax.configuration import MraConfig
+from pallas_kernels import matmul_precision
 
 Dtype = Any
 

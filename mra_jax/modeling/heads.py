@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mra_jax.activations import ACT2FN
-from mra_jax.attention.low_resolution import matmul_precision
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling.common import Dropout, Dtype, layer_norm, linear
+from pallas_kernels import matmul_precision
 
 
 class MraPredictionHeadTransform(nnx.Module):

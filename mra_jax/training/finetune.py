@@ -30,7 +30,7 @@ from mra_jax.modeling import (
     MraPreTrainedModel,
 )
 from mra_jax.options import RuntimeOptions
-from mra_jax.training import runtime, tasks
+from mra_jax.training import runtime, task_metrics, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
@@ -43,8 +43,6 @@ from mra_jax.training.step import TrainState, init_state, make_train_step
 MODEL_CLASSES: dict[str, type[MraPreTrainedModel]] = {
     "sequence_classification": MraForSequenceClassification, "token_classification": MraForTokenClassification,
     "question_answering": MraForQuestionAnswering, "multiple_choice": MraForMultipleChoice}
-DEFAULT_METRIC = {"sequence_classification": "accuracy", "token_classification": "f1",
-                  "question_answering": "f1", "multiple_choice": "accuracy"}
 __all__ = ["FinetuneConfig", "NonFiniteError", "run"]
 
 
@@ -59,7 +57,8 @@ class FinetuneConfig:
     log_every: int = 10
     eval_every: int = 100  # also when checkpoints are written (each with its eval metrics)
     keep_checkpoints: int = 2
-    best_metric: str | None = None  # None: the task's default (accuracy, f1, f1, accuracy; mse for regression)
+    best_metric: str | None = None  # None: the task's default (accuracy; micro_f1 multi-label; mse regression; f1, f1,
+    # accuracy for tokens, QA, multiple choice)
     best_mode: str | None = None  # None: "min" for mse, else "max"
     export_hf: bool = True  # write the best model to output_dir/hf (config.json + model.safetensors + tokenizer)
     dtype: str = "float32"
@@ -160,7 +159,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError("data.eval_file is required: the best checkpoint is chosen on it")
     problem_type = train.problem_type
     regression = problem_type == "regression"
-    best_metric = cfg.best_metric or ("mse" if regression else DEFAULT_METRIC[cfg.task])
+    reported = task_metrics.metric_names(cfg.task, problem_type, len(train.label_names or ()))
+    best_metric = cfg.best_metric or reported[0]
+    if best_metric not in (*reported, "loss"):  # known before training, not when the first checkpoint is kept
+        raise ValueError(f"best_metric={best_metric!r} is not reported for {cfg.task} ({problem_type or 'any'}); "
+                         f"choose one of {', '.join((*reported, 'loss'))}")
     best_mode = cfg.best_mode or ("min" if best_metric in ("mse", "loss") else "max")
 
     cls = MODEL_CLASSES[cfg.task]

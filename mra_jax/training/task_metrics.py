@@ -201,3 +201,17 @@ def multiple_choice_metrics(logits: np.ndarray, labels: np.ndarray | Sequence[in
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"expected logits [N, num_choices] and labels [N], got {logits.shape} and {labels.shape}")
     return {"accuracy": float(np.mean(logits.argmax(-1) == labels))}
+
+
+def metric_names(task: str, problem_type: str | None = None, num_labels: int | None = None) -> tuple[str, ...]:
+    """The metrics the evaluation of ``task`` reports (each also as ``eval_<name>``), besides ``loss``; the first is
+    the task's default for choosing the best checkpoint."""
+    if task == "sequence_classification":
+        if problem_type == "regression":
+            return ("mse", "pearson", "spearman")
+        if problem_type == "multi_label_classification":
+            return ("micro_f1", "macro_f1", "exact_match")
+        return ("accuracy", "macro_f1", "mcc") if num_labels == 2 else ("accuracy", "macro_f1")
+    return {"token_classification": ("f1", "precision", "recall", "accuracy"),
+            "question_answering": ("f1", "exact_match"), "multiple_choice": ("accuracy",)}[task]
+

@@ -60,6 +60,7 @@ class TaskDataConfig:
     # "regression", "single_label_classification", "multi_label_classification"
     problem_type: str | None = None
     labels: list[str] = field(default_factory=list)  # label names; empty: sorted distinct labels of the train file
+    num_labels: int | None = None  # integer labels 0 .. num_labels - 1 (a label outside is an error), if no `labels`
     # token classification: a list of words and a list of their labels (e.g. BIO tags) per row
     words_field: str = "tokens"
     tags_field: str = "tags"
@@ -296,7 +297,11 @@ def encode(task: str, rows: list[dict], tokenizer: Tokenizer, cfg: TaskDataConfi
         raise ValueError(f"{file}: no rows (empty file)")
     if cfg.max_seq_len < 8:
         raise ValueError(f"max_seq_len={cfg.max_seq_len} is too small (at least 8)")
-    names = list(label_names) if label_names is not None else [str(x) for x in cfg.labels] or None
+    if cfg.num_labels is not None and (cfg.num_labels < 1 or (cfg.labels and len(cfg.labels) != cfg.num_labels)):
+        raise ValueError(f"num_labels={cfg.num_labels} must be positive and match the {len(cfg.labels)} names in "
+                         f"labels (or leave labels empty for the names 0 .. num_labels - 1)")
+    names = (list(label_names) if label_names is not None else [str(x) for x in cfg.labels]
+             or (None if cfg.num_labels is None else [str(i) for i in range(cfg.num_labels)]))
     fn = {"sequence_classification": _encode_sequence_classification,
           "token_classification": _encode_token_classification,
           "question_answering": _encode_question_answering,
