@@ -38,14 +38,16 @@ _NEG_INF = float("-inf")
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
-_NUM_WARPS = {
-    # (kernel, float32 inputs, padded head_dim <= 64) -> warps; chosen by ptxas's register/spill report for an H100
-    # (../shared/tools/h100-compile): the fewest warps that compile without register spills.
-    ("fwd", False, True): 2, ("fwd", False, False): 4, ("fwd", True, True): 4, ("fwd", True, False): 4,
-    ("dq", False, True): 2, ("dq", False, False): 4, ("dq", True, True): 4, ("dq", True, False): 4,
-    ("dkv", False, True): 4, ("dkv", False, False): 4, ("dkv", True, True): 4, ("dkv", True, False): 8,
+_LAUNCH = {
+    # (kernel, float32 inputs, padded head_dim <= 64) -> (num_warps, num_stages), chosen by ptxas's register and
+    # spill report for an H100 (../shared/tools/h100-compile): the fewest warps that compile without spills (one
+    # stage where two spill: float32 dK/dV); speed on hardware not yet measured.
+    ("fwd", False, True): (2, 2), ("fwd", False, False): (4, 2), ("fwd", True, True): (4, 2),
+    ("fwd", True, False): (4, 2),
+    ("dq", False, True): (2, 2), ("dq", False, False): (4, 2), ("dq", True, True): (4, 2), ("dq", True, False): (4, 2),
+    ("dkv", False, True): (4, 2), ("dkv", False, False): (4, 2), ("dkv", True, True): (4, 1),
+    ("dkv", True, False): (8, 1),
 }
-_NUM_STAGES = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,10 +74,10 @@ def _pad_last(x: jax.Array, d_pad: int) -> jax.Array:
 
 
 def _call(kernel, name: str, dtype, dp: int, **kwargs):
-    """``pl.pallas_call`` with the warps of the table and the Triton-backend deprecation warning (jax >= 0.11)
+    """``pl.pallas_call`` with the warps and stages of the table, the Triton-backend deprecation warning (jax >= 0.11)
     silenced locally."""
-    warps = _NUM_WARPS[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
-    params = pltriton.CompilerParams(num_warps=warps, num_stages=_NUM_STAGES)
+    warps, stages = _LAUNCH[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
+    params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
         return pl.pallas_call(kernel, compiler_params=params, name=f"block_sparse_attention_{name}", **kwargs)

@@ -184,8 +184,8 @@ def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_
     make_rows, metric, threshold, hf_name = TASKS[task]
     train = _write(tmp_path / "train.jsonl", make_rows(400, 0))
     evaluation = _write(tmp_path / "eval.jsonl", make_rows(48, 1))
-    cfg = load_config(FinetuneConfig, None, _finetune_overrides(task, base_model, tmp_path / "run", train,
-                                                                 evaluation))
+    cfg = load_config(FinetuneConfig, None, [*_finetune_overrides(task, base_model, tmp_path / "run", train,
+                                                                   evaluation), f"data.test_file={evaluation}"])
     result = run(cfg)
     assert result["eval"][f"eval_{metric}"] > threshold, result["eval"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -193,6 +193,10 @@ def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_
     best_metric = {"token_classification": "eval_f1", "question_answering": "eval_f1",
                    "multiple_choice": "eval_accuracy"}[task]
     assert evals[result["best_step"]][best_metric] == max(r[best_metric] for r in evals.values())
+    # data.test_file (here the eval rows again): the best checkpoint's metrics on it, once, after training
+    test = {k.removeprefix("test_"): v for k, v in result["test"].items() if k.startswith("test_")}
+    assert test == pytest.approx({k.removeprefix("eval_"): v for k, v in evals[result["best_step"]].items()
+                                  if k.startswith("eval_")}, abs=1e-6)
 
     hf_dir = tmp_path / "run" / "hf"
     _assert_transformers_agrees(task, hf_name, hf_dir, cfg.data, monkeypatch)
@@ -268,4 +272,6 @@ def test_best_metric_the_task_does_not_report_is_refused_before_training(base_mo
     cfg = load_config(FinetuneConfig, None, [*overrides, "best_metric=accuracy"])
     with pytest.raises(ValueError, match=r"best_metric='accuracy' is not reported .*micro_f1, macro_f1, exact_match"):
         run(cfg)
+    with pytest.raises(ValueError, match=r"data.bucket must be a positive multiple of 32"):
+        run(load_config(FinetuneConfig, None, [*overrides, "data.bucket=48"]))
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -40,10 +40,13 @@ def block_means(x: jax.Array, mask: jax.Array | None, denom: jax.Array) -> jax.A
     0/1 or ``None``, ``denom`` ``[B, 1, n]``.
     """
     b, s, h, d = x.shape
-    blocks = x.reshape(b, s // BLOCK_SIZE, BLOCK_SIZE, h, d)
-    if mask is not None:
-        blocks = blocks * mask.reshape(b, s // BLOCK_SIZE, BLOCK_SIZE, 1, 1).astype(x.dtype)
-    sums = jnp.sum(blocks, axis=2, dtype=jnp.float32)  # [B, n, H, d]
+    n = s // BLOCK_SIZE
+    blocks = x.reshape(b, n, BLOCK_SIZE, h, d)
+    if mask is None:
+        sums = jnp.sum(blocks, axis=2, dtype=jnp.float32)  # [B, n, H, d]
+    else:  # a contraction with the 0/1 mask (a multiply-then-sum makes XLA:GPU transpose x before reducing)
+        sums = jnp.einsum("bnthd,bnt->bnhd", blocks, mask.reshape(b, n, BLOCK_SIZE).astype(x.dtype),
+                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     return sums.transpose(0, 2, 1, 3) / denom[..., None]
 
 

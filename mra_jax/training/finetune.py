@@ -7,6 +7,7 @@ The task decides the model class, the loss (summed, so micro-batches and process
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -78,6 +79,8 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"task must be one of {sorted(MODEL_CLASSES)}, got {cfg.task!r}")
     if cfg.best_mode not in (None, "max", "min"):
         errors.append(f"best_mode must be max or min, got {cfg.best_mode!r}")
+    if cfg.data.bucket < 1 or cfg.data.bucket % 32:
+        errors.append(f"data.bucket must be a positive multiple of 32 (the MRA block), got {cfg.data.bucket}")
     if not cfg.model or not os.path.isdir(cfg.model):
         errors.append(f"model {cfg.model!r} is not a checkpoint directory")
     if errors:
@@ -211,18 +214,22 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     eval_local = tasks.eval_batches(evaluation, data.eval_batch_size, pad_id, data.bucket, max_len,
                                     jax.process_index(), jax.process_count())
 
-    def evaluate(state: TrainState, step: int) -> dict[str, Any]:
+    def evaluate(state: TrainState, step: int, split: str = "eval") -> dict[str, Any]:
+        encoded, local = (evaluation, eval_local) if split == "eval" else (splits[split], tasks.eval_batches(
+            splits[split], data.eval_batch_size, pad_id, data.bucket, max_len, jax.process_index(),
+            jax.process_count()))
         outputs, loss_sum, weight = collect_outputs(
-            lambda local: eval_step(state.params, runtime.global_batch(local, batch_sharding)), eval_local)
-        metrics = compute_metrics(cfg.task, evaluation, outputs)
-        return {"step": step, "eval_loss": loss_sum / max(weight, 1.0),
-                **{f"eval_{k}": float(v) for k, v in metrics.items()}}
+            lambda local: eval_step(state.params, runtime.global_batch(local, batch_sharding)), local)
+        metrics = compute_metrics(cfg.task, encoded, outputs)
+        return {"step": step, f"{split}_loss": loss_sum / max(weight, 1.0),
+                **{f"{split}_{k}": float(v) for k, v in metrics.items()}}
 
     checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                    best_metric=f"eval_{best_metric}", best_mode=best_mode)
     start = checkpoints.latest_step()
+    abstract = jax.eval_shape(lambda: state)
     if start is not None:
-        state, _ = checkpoints.restore(start, jax.eval_shape(lambda: state), shardings, iterator)
+        state, _ = checkpoints.restore(start, abstract, shardings, iterator)
     start = start or 0
     writer = MetricsWriter(output_dir, enabled=primary, tensorboard=cfg.tensorboard, resume_step=start)
     tokens_per_step = data.batch_size * max_len
@@ -233,11 +240,17 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             save=lambda s, record: checkpoints.save(s, iterator, config, {"seed": cfg.seed}, metrics=record),
             evaluate=evaluate, tokens_per_step=tokens_per_step, flops_per_token=None, peak_flops=None,
             progress=cfg.progress_bar, description=f"finetune {cfg.task}")
+        checkpoints.wait()
+        best = checkpoints.best_step()
+        if "test" in splits:  # the best checkpoint on data.test_file, once, after training
+            best_state, _ = checkpoints.restore(best, abstract, shardings, iterator)
+            result["test"] = evaluate(best_state, best, "test")
+            if primary:
+                print(json.dumps(result["test"]))
     finally:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
-    best = checkpoints.best_step()
     result.update(start_step=start, best_step=best, best_metric=f"eval_{best_metric}",
                   best_checkpoint=str(output_dir / "checkpoints" / str(best)))
     if cfg.export_hf and primary:
