@@ -117,6 +117,9 @@ class _Specs:
             return pl.BlockSpec((None, self.s), lambda i, r: (r // self.h, 0))
         return pl.BlockSpec((None, BLOCK), lambda i, r: (r // self.h, i))
 
+    def block_row(self):  # one [d] row of a [B, n, H, d] per-block array (block sums and their cotangents)
+        return pl.BlockSpec((None, None, None, self.dp), lambda i, r: (r // self.h, i, r % self.h, 0))
+
     def lists(self, length: int):  # a [B·H, length] CSR array
         return pl.BlockSpec((None, length), lambda i, r: (r, 0))
 
@@ -183,9 +186,22 @@ def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float
 # backward
 
 
+def _with_block_grad(grad, block_grad_ref, token_mask_ref):
+    """``grad`` [32, d] of one block plus the cotangent of that block's (masked) token sum: ``block_grad`` [d] added
+    to each token of the block (each unpadded token when there is a mask)."""
+    if block_grad_ref is None:
+        return grad
+    add = block_grad_ref[...][None, :]
+    if token_mask_ref is not None:
+        add = jnp.where(token_mask_ref[...][:, None] != 0, add, 0.0)
+    return grad + add
+
+
 def _dq_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
-               sm_scale, precision, masked):
-    mask_ref = refs[0] if masked else None
+               sm_scale, precision, masked, summed):
+    mask_ref = refs[0] if masked else None  # the whole sequence's key mask
+    qmask_ref = refs[1] if masked and summed else None  # this block's tokens
+    dsum_ref = refs[-2] if summed else None
     dq_ref = refs[-1]
     i = pl.program_id(0)
     start = start_ref[i]
@@ -202,12 +218,13 @@ def _dq_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_
         return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)
 
     dq = lax.fori_loop(0, count_ref[i], body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
+    dq_ref[...] = _with_block_grad(dq * sm_scale, dsum_ref, qmask_ref).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(start_ref, count_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
-                sm_scale, precision, masked):
-    mask_ref = refs[0] if masked else None
+                sm_scale, precision, masked, summed):
+    mask_ref = refs[0] if masked else None  # this key block's tokens
+    dk_sum_ref, dv_sum_ref = refs[-4:-2] if summed else (None, None)
     dk_ref, dv_ref = refs[-2:]
     c = pl.program_id(0)
     start = start_ref[c]
@@ -232,44 +249,61 @@ def _dkv_kernel(start_ref, count_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, count_ref[c], body, init)
-    dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk_ref[...] = _with_block_grad(dk * sm_scale, dk_sum_ref, mask_ref).astype(dk_ref.dtype)
+    dv_ref[...] = _with_block_grad(dv, dv_sum_ref, mask_ref).astype(dv_ref.dtype)
 
 
-def _backward_kwargs(q, sm_scale: float, masked: bool) -> dict:
-    return dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, precision=matmul_precision(q.dtype), masked=masked)
+def _backward_kwargs(q, sm_scale: float, masked: bool, summed: bool) -> dict:
+    return dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, precision=matmul_precision(q.dtype), masked=masked,
+                summed=summed)
 
 
-def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False):
-    """dQ [B, S, H, d]; ``delta = rowsum(o * do) - dlse`` and ``lse`` are [B, S, H] float32."""
+def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False,
+                 block_grad=None):
+    """dQ [B, S, H, d]; ``delta = rowsum(o * do) - dlse`` and ``lse`` are [B, S, H] float32.
+
+    ``block_grad`` [B, n, H, d] float32 (optional): the cotangent of the masked block sums of ``q``, added to each
+    unpadded token of its block in the epilogue (the gradient of MRA's block means, without a pass over dQ).
+    """
     (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
     n, kk = s // BLOCK, layout.row_cols.shape[-1]
+    summed = block_grad is not None
+    extra_specs = [spec.mask(whole=True)] * masked + [spec.mask(whole=False)] * (masked and summed)
+    extra = [key_mask] * masked + [key_mask] * (masked and summed)
+    if summed:
+        extra_specs.append(spec.block_row())
+        extra.append(_pad_last(block_grad, dp))
     dq = _call(
-        functools.partial(_dq_kernel, **_backward_kwargs(q, sm_scale, masked)), "dq", q.dtype, dp,
+        functools.partial(_dq_kernel, **_backward_kwargs(q, sm_scale, masked, summed)), "dq", q.dtype, dp,
         out_shape=jax.ShapeDtypeStruct((b, s, h, dp), q.dtype),
         grid=(n, b * h),
         in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.block(), spec.sequence(), spec.sequence(),
-                  spec.block(), spec.block_stat(), spec.block_stat(), *([spec.mask(whole=True)] if masked else [])],
+                  spec.block(), spec.block_stat(), spec.block_stat(), *extra_specs],
         out_specs=spec.block(),
         interpret=interpret,
-    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, _pad_last(do, dp), lse, delta,
-      *([key_mask] if masked else []))
+    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, _pad_last(do, dp), lse, delta, *extra)
     return dq[..., :d]
 
 
-def attention_dkv(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False):
-    """(dK, dV) [B, S, H, d] via the column view; key blocks nobody selected get zeros."""
+def attention_dkv(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False,
+                  block_grads=None):
+    """(dK, dV) [B, S, H, d] via the column view; key blocks nobody selected get zeros (plus ``block_grads``).
+
+    ``block_grads`` (optional): the cotangents ``(dk_sum, dv_sum)`` [B, n, H, d] float32 of the masked block sums of
+    ``k`` and ``v``, added in the epilogue as in `attention_dq`.
+    """
     (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
     n, kk = s // BLOCK, layout.col_rows.shape[-1]
+    summed = block_grads is not None
+    extra_specs = [spec.mask(whole=False)] * masked + [spec.block_row()] * (2 * summed)
+    extra = [key_mask] * masked + [_pad_last(g, dp) for g in (block_grads if summed else ())]
     dk, dv = _call(
-        functools.partial(_dkv_kernel, **_backward_kwargs(q, sm_scale, masked)), "dkv", q.dtype, dp,
+        functools.partial(_dkv_kernel, **_backward_kwargs(q, sm_scale, masked, summed)), "dkv", q.dtype, dp,
         out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), k.dtype), jax.ShapeDtypeStruct((b, s, h, dp), v.dtype)),
         grid=(n, b * h),
         in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.sequence(), spec.block(), spec.block(),
-                  spec.sequence(), spec.sequence_stat(), spec.sequence_stat(),
-                  *([spec.mask(whole=False)] if masked else [])],
+                  spec.sequence(), spec.sequence_stat(), spec.sequence_stat(), *extra_specs],
         out_specs=(spec.block(), spec.block()),
         interpret=interpret,
-    )(layout.col_start, layout.col_count, layout.col_rows, qp, kp, vp, _pad_last(do, dp), lse, delta,
-      *([key_mask] if masked else []))
+    )(layout.col_start, layout.col_count, layout.col_rows, qp, kp, vp, _pad_last(do, dp), lse, delta, *extra)
     return dk[..., :d], dv[..., :d]

@@ -47,48 +47,79 @@ def _validate(q, k, v, layout: BlockLayout, key_mask) -> None:
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, key_mask=None, *, sm_scale: float, backend: str = "gpu",
-                           interpret=False):
-    """Block-sparse attention; returns ``(o, lse)`` (see the module docstring).
+                           interpret=False, block_sums=None):
+    """Block-sparse attention; returns ``(o, lse)`` (see the module docstring), or ``(o, lse, block_sums)``.
 
     ``backend``: ``"gpu"`` (Pallas Triton kernels), ``"tpu"`` (Pallas Mosaic kernels) or ``"reference"`` (jnp
     gathers, differentiated by JAX).  ``interpret`` is passed to ``pl.pallas_call``: ``True`` runs the kernels on CPU;
     for ``"tpu"`` a ``pltpu.InterpretParams(...)`` selects the TPU interpreter.
+
+    ``block_sums`` (optional): ``(q_sum, k_sum, v_sum)`` [B, n, H, d] float32, the sums of ``q``, ``k``, ``v`` over
+    the unpadded tokens of each block (MRA's block means before the division), computed by the caller.  They are
+    returned as they are; use the returned ones downstream and their cotangents reach ``q``, ``k``, ``v`` through the
+    kernels' epilogues (each unpadded token of a block gets its block's cotangent) instead of separate passes over the
+    ``[B, S, H, d]`` gradients.  Values and gradients equal passing the sums around the function.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _validate(q, k, v, layout, key_mask)
+    if block_sums is not None:
+        b, s, h, d = q.shape
+        shapes = [tuple(x.shape) for x in block_sums]
+        if len(shapes) != 3 or any(x != (b, s // BLOCK, h, d) for x in shapes):
+            raise ValueError(f"block_sums must be three [B, n, H, d] = {(b, s // BLOCK, h, d)} arrays, got {shapes}")
     layout = jax.tree.map(lax.stop_gradient, layout)
     key_mask = None if key_mask is None else (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
     if backend == "reference":
-        return _reference(q, k, v, layout, key_mask, float(sm_scale))
-    return _kernel_attention(q, k, v, layout, key_mask, float(sm_scale), backend, interpret)
+        out = _reference(q, k, v, layout, key_mask, float(sm_scale))
+        return out if block_sums is None else (*out, tuple(block_sums))
+    sums = None if block_sums is None else tuple(x.astype(jnp.float32) for x in block_sums)
+    out = _kernel_attention(q, k, v, layout, key_mask, sums, float(sm_scale), backend, interpret)
+    return out[:2] if block_sums is None else out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pallas kernels: one custom VJP for both families
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _kernel_attention(q, k, v, layout, key_mask, sm_scale, backend, interpret):
-    return _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, sm_scale=sm_scale, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _kernel_attention(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret):
+    o, lse = _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, sm_scale=sm_scale, interpret=interpret)
+    return o, lse, sums
 
 
-def _kernel_attention_fwd(q, k, v, layout, key_mask, sm_scale, backend, interpret):
-    o, lse = _kernel_attention(q, k, v, layout, key_mask, sm_scale, backend, interpret)
-    return (o, lse), (q, k, v, layout, key_mask, o, lse)
+def _kernel_attention_fwd(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret):
+    out = _kernel_attention(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret)
+    return out, (q, k, v, layout, key_mask, out[0], out[1])
+
+
+def _token_grads(block_grad, key_mask, s: int):
+    """[B, n, H, d] block cotangents -> [B, S, H, d]: each unpadded token gets its block's."""
+    b, n, h, d = block_grad.shape
+    grad = jnp.broadcast_to(block_grad[:, :, None], (b, n, BLOCK, h, d)).reshape(b, s, h, d)
+    return grad if key_mask is None else jnp.where(key_mask[:, :, None, None] != 0, grad, 0.0)
 
 
 def _kernel_attention_bwd(sm_scale, backend, interpret, res, cts):
     """FlashAttention-2's backward: ``delta = rowsum(o * do) - dlse``, then dQ over the row view and dK/dV over the
-    column view (no atomics)."""
+    column view (no atomics); block-sum cotangents are added in the GPU kernels' epilogues (on TPU, after them)."""
     q, k, v, layout, key_mask, o, lse = res
-    do, dlse = cts
+    do, dlse, dsums = cts
+    summed = dsums is not None
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse.astype(jnp.float32)
     args = (q, k, v, layout, key_mask, lse, do.astype(q.dtype), delta)
-    kernels = _KERNELS[backend]
-    dq = kernels.attention_dq(*args, sm_scale=sm_scale, interpret=interpret)
-    dk, dv = kernels.attention_dkv(*args, sm_scale=sm_scale, interpret=interpret)
-    return dq, dk, dv, None, None
+    kw = dict(sm_scale=sm_scale, interpret=interpret)
+    if backend == "gpu" and summed:
+        dq = gpu.attention_dq(*args, **kw, block_grad=dsums[0])
+        dk, dv = gpu.attention_dkv(*args, **kw, block_grads=dsums[1:])
+    else:
+        kernels = _KERNELS[backend]
+        dq = kernels.attention_dq(*args, **kw)
+        dk, dv = kernels.attention_dkv(*args, **kw)
+        if summed:
+            dq, dk, dv = (g + _token_grads(c, key_mask, q.shape[1]).astype(g.dtype)
+                          for g, c in zip((dq, dk, dv), dsums, strict=True))
+    return dq, dk, dv, None, None, None if not summed else tuple(jnp.zeros_like(c) for c in dsums)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from mra_jax.attention import mra_attention
 from mra_jax.attention.combination import combine
-from mra_jax.attention.low_resolution import low_resolution
+from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
 from mra_jax.attention.selection import select_blocks, selected_pair_mask
 from pallas_kernels import block_sparse_attention, build_block_layout
 
@@ -64,13 +64,16 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
         indices, bits = select_blocks(scores, num_blocks)
         return build_block_layout(indices.reshape(-1, num_blocks), n, ascending=True), bits
 
-    low = jax.jit(lambda q, k, v: low_resolution(q, k, v, None, scale))(q, k, v)
+    def low_res(q, k, v):
+        return low_resolution(*(block_sums(x, None) for x in (q, k, v)), token_counts(None, q.shape[0], n), scale)
+
+    low = jax.jit(low_res)(q, k, v)
     layout, selected = jax.jit(select)(low.scores)
     attend = jax.jit(lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, sm_scale=1 / scale,
                                                                     backend=kernels))
     o, lse = attend(q, k, v, layout)
     return {
-        "low_resolution": (jax.jit(lambda q, k, v: low_resolution(q, k, v, None, scale)), (q, k, v)),
+        "low_resolution": (jax.jit(low_res), (q, k, v)),
         "selection_lists": (jax.jit(select), (low.scores,)),
         "selection_lax_top_k": (jax.jit(lambda s: jax.lax.top_k(s.reshape(*s.shape[:-2], -1), num_blocks)[1]),
                                 (low.scores,)),

@@ -33,39 +33,41 @@ class LowResolution(NamedTuple):
     scores: jax.Array
 
 
-def block_means(x: jax.Array, mask: jax.Array | None, denom: jax.Array) -> jax.Array:
-    """``[B, S, H, d]`` (any float dtype) -> ``[B, H, n, d]`` float32 means over each block of 32 tokens.
-
-    One masked reduction of the input with float32 accumulation (no float32 copy of ``x``); ``mask`` is ``[B, S]``
-    0/1 or ``None``, ``denom`` ``[B, 1, n]``.
-    """
+def block_sums(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``[B, S, H, d]`` (any float dtype) -> ``[B, n, H, d]`` float32 sums over the unpadded tokens of each block of
+    32: one reduction of the input with float32 accumulation (no float32 copy of ``x``); ``mask`` ``[B, S]`` 0/1 or
+    ``None``."""
     b, s, h, d = x.shape
     n = s // BLOCK_SIZE
     blocks = x.reshape(b, n, BLOCK_SIZE, h, d)
     if mask is None:
-        sums = jnp.sum(blocks, axis=2, dtype=jnp.float32)  # [B, n, H, d]
-    else:  # a contraction with the 0/1 mask (a multiply-then-sum makes XLA:GPU transpose x before reducing)
-        sums = jnp.einsum("bnthd,bnt->bnhd", blocks, mask.reshape(b, n, BLOCK_SIZE).astype(x.dtype),
-                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return sums.transpose(0, 2, 1, 3) / denom[..., None]
+        return jnp.sum(blocks, axis=2, dtype=jnp.float32)
+    # a contraction with the 0/1 mask (a multiply-then-sum makes XLA:GPU transpose x before reducing)
+    return jnp.einsum("bnthd,bnt->bnhd", blocks, mask.reshape(b, n, BLOCK_SIZE).astype(x.dtype),
+                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def low_resolution(query: jax.Array, key: jax.Array, value: jax.Array | None, mask: jax.Array | None,
+def token_counts(mask: jax.Array | None, batch: int, n: int) -> jax.Array:
+    """Unpadded tokens per block, ``[B, 1, n]`` float (no gradient), from a ``[B, S]`` 0/1 mask (``None`` = all)."""
+    if mask is None:
+        return jnp.full((batch, 1, n), float(BLOCK_SIZE), jnp.float32)
+    return jax.lax.stop_gradient(mask.reshape(batch, 1, n, BLOCK_SIZE).sum(axis=-1))
+
+
+def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Array | None, count: jax.Array,
                    scale: float) -> LowResolution:
-    """Block means of ``query``/``key``/``value`` (``[B, S, H, d]``) over the tokens of ``mask`` (``[B, S]`` float
-    0/1, ``None`` = all) and their logits, divided by ``scale``.
+    """Block means from the `block_sums` of query/key/value (``[B, n, H, d]``; ``value_sum`` ``None`` when not
+    needed) and `token_counts`, and their logits divided by ``scale``.
 
     The means divide by ``count + 1e-6`` (HF's formula, also without padding).
     """
-    b, s = query.shape[:2]
-    n = s // BLOCK_SIZE
-    if mask is None:
-        count = jnp.full((b, 1, n), float(BLOCK_SIZE), jnp.float32)
-    else:
-        count = jax.lax.stop_gradient(mask.reshape(b, 1, n, BLOCK_SIZE).sum(axis=-1))
-    denom = count + EPS
-    query_hat, key_hat = block_means(query, mask, denom), block_means(key, mask, denom)
-    value_hat = None if value is None else block_means(value, mask, denom)
+    denom = (count + EPS)[..., None]
+
+    def means(x):
+        return x.transpose(0, 2, 1, 3) / denom  # [B, H, n, d]
+
+    query_hat, key_hat = means(query_sum), means(key_sum)
+    value_hat = None if value_sum is None else means(value_sum)
     products = jnp.einsum("...id,...jd->...ij", query_hat, key_hat, precision=jax.lax.Precision.HIGHEST)
     logits = products / scale
     row_max = jnp.max(logits, axis=-1, keepdims=True)

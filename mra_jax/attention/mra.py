@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mra_jax.attention.combination import combine
-from mra_jax.attention.low_resolution import low_resolution
+from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
 from mra_jax.attention.selection import select_blocks, selected_pair_mask
 from mra_jax.configuration import BLOCK_SIZE
 from pallas_kernels import block_sparse_attention, build_block_layout
@@ -108,13 +108,17 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
         query, key, value = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (query, key, value))
     mask_f = None if tokens is None else tokens.astype(jnp.float32)
 
-    low = low_resolution(query, key, value if full else None, mask_f, math.sqrt(head_dim))
-    if not full:
-        low = jax.tree.map(jax.lax.stop_gradient, low)
-    indices, bits = select_blocks(low.scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
+    scale = math.sqrt(head_dim)
+    count = token_counts(mask_f, batch, n)
+    sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
+    scores = low_resolution(*sums[:2], None, count, scale).scores
+    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
     layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     backend = implementation.removeprefix("pallas_")  # "reference", "gpu" or "tpu"
-    o, lse = block_sparse_attention(query, key, value, layout, tokens, sm_scale=1.0 / math.sqrt(head_dim),
-                                    backend=backend, interpret=interpret)
-    out = combine(o, lse, low if full else None, selected_pair_mask(bits, n) if full else None, mask_f)
+    # "full" mode differentiates the low resolution too: its block sums go through the kernels, which fold their
+    # gradients into dQ/dK/dV (the returned sums are the same values).
+    o, lse, *passed = block_sparse_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, backend=backend,
+                                             interpret=interpret, block_sums=sums if full else None)
+    low = low_resolution(*passed[0], count, scale) if full else None
+    out = combine(o, lse, low, selected_pair_mask(bits, n) if full else None, mask_f)
     return out[:, :seq].astype(query.dtype)
