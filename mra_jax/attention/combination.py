@@ -34,8 +34,11 @@ def combine(o: jax.Array, lse: jax.Array, low: LowResolution | None, selected: j
     else:
         row_max = low.row_max[..., 0]                                                       # [B, H, n]
         weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected) * low.token_count[..., None, :]
-        out_lo = _per_block(jnp.matmul(weights, low.value_hat, precision=jax.lax.Precision.HIGHEST))
-        norm_lo, row_max = _per_block(weights.sum(axis=-1)), _per_block(row_max)       # [B, n, 1, H]
+        # One pass over the n x n weights: their row sums come out of the same matmul, as a column of ones.
+        ones = jnp.ones((*low.value_hat.shape[:-1], 1), low.value_hat.dtype)
+        sums = jnp.matmul(weights, jnp.concatenate([low.value_hat, ones], axis=-1),
+                          precision=jax.lax.Precision.HIGHEST)
+        out_lo, norm_lo, row_max = _per_block(sums[..., :d]), _per_block(sums[..., d]), _per_block(row_max)
         lse = lse.reshape(b, n, BLOCK_SIZE, h)
         ref = jax.lax.stop_gradient(jnp.maximum(lse, row_max))
         w_hi, w_lo = jnp.exp(lse - ref), jnp.exp(row_max - ref)

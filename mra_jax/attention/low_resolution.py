@@ -70,9 +70,13 @@ def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Arra
     value_hat = None if value_sum is None else means(value_sum)
     products = jnp.einsum("...id,...jd->...ij", query_hat, key_hat, precision=jax.lax.Precision.HIGHEST)
     logits = products / scale
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # max(products / scale) == max(products) / scale exactly (division by a positive constant is monotonic); one
+    # reduction serves both. The barrier keeps XLA:GPU from fusing "max, subtract" into a softmax-like kernel of its
+    # own that writes the scores, so that they are computed where the selection reads them.
+    products_max = jax.lax.optimization_barrier(jnp.max(products, axis=-1, keepdims=True))
+    row_max = products_max / scale
     penalty = PAD_PENALTY * ((count[..., :, None] * count[..., None, :]) < 0.5).astype(logits.dtype)
     # Selection scores logits - row_max, with each row's max at exactly 0 (HF's ties between rows): subtracting
     # before scaling guarantees it, whereas XLA may round `products / scale` differently in different fusions.
-    scores = (products - jnp.max(products, axis=-1, keepdims=True)) / scale - penalty
-    return LowResolution(logits - penalty, row_max, count, value_hat, jax.lax.stop_gradient(scores))
+    scores = (jax.lax.stop_gradient(products) - jax.lax.stop_gradient(products_max)) / scale - penalty
+    return LowResolution(logits - penalty, row_max, count, value_hat, scores)
