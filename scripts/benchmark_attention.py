@@ -55,6 +55,23 @@ def _variants(num_blocks: int, backend: str) -> dict:
     return out
 
 
+def kernel_traffic(batch: int, seq: int, heads: int, head_dim: int, num_blocks: int, itemsize: int) -> dict:
+    """The kernels' own HBM bytes (XLA's cost analysis cannot see inside them), analytically; ``Q`` = the bytes of q.
+
+    Upper bound, no cache reuse (every visit of a selected pair loads its two 32-row tiles): forward 2 Q (q, o) + the
+    tiles, dQ 3 Q (q, dO, dQ) + the tiles, dK/dV 4 Q (k, v, dK, dV) + the tiles, the tiles being
+    ``2 · pairs / n`` Q (plus their float32 lse / delta rows). Lower bound, each tile read once (a (batch, head)'s
+    K/V is 2 · S · d bytes, which stays in L2 while the grid walks its query blocks): forward 4 Q, dQ 5 Q, dK/dV 6 Q.
+    """
+    n = seq // 32
+    q = batch * seq * heads * head_dim * itemsize
+    tiles = 2 * num_blocks / n * q * (1 + 4 / (head_dim * itemsize))
+    gib = 2**30
+    return {"q_GiB": q / gib, "kernel_fwd_GiB": (2 * q + tiles) / gib, "kernel_dq_GiB": (3 * q + tiles) / gib,
+            "kernel_dkv_GiB": (4 * q + tiles) / gib, "kernel_fwd_min_GiB": 4 * q / gib,
+            "kernel_dq_min_GiB": 5 * q / gib, "kernel_dkv_min_GiB": 6 * q / gib}
+
+
 def stages(q, k, v, num_blocks: int, backend: str) -> dict:
     """The four stages of the MRA forward as separate jitted functions with their inputs, in order."""
     n, scale = q.shape[1] // 32, math.sqrt(q.shape[-1])
@@ -93,7 +110,8 @@ def run(seqs: list[int], tokens: int, heads: int, head_dim: int, block_per_row: 
         num_blocks = min(n * block_per_row, n * n)
         keys = jax.random.split(jax.random.key(0), 4)
         q, k, v, w = (jax.random.normal(kk, (batch, seq, heads, head_dim), dtype) for kk in keys)
-        row = {"seq": seq, "batch": batch, "num_blocks": num_blocks}
+        row = {"seq": seq, "batch": batch, "num_blocks": num_blocks,
+               **kernel_traffic(batch, seq, heads, head_dim, num_blocks, jnp.dtype(dtype).itemsize)}
         try:
             for name, (fn, args) in stages(q, k, v, num_blocks, backend).items():
                 row[f"stage_{name}_ms"] = _time(fn, *args, repeats=repeats)
@@ -114,6 +132,11 @@ def run(seqs: list[int], tokens: int, heads: int, head_dim: int, block_per_row: 
 
 
 def print_table(rows: list[dict]) -> None:
+    traffic = [c for c in rows[0] if c.endswith("_GiB")] if rows else []
+    print("Kernels' own HBM traffic (analytic, XLA's cost analysis does not see it; no cache reuse, _min: each tile "
+          "read once):")
+    for r in rows:
+        print(f"  seq {r['seq']}: " + ", ".join(f"{c.removesuffix('_GiB')} {r[c]:.2f} GiB" for c in traffic))
     columns = sorted({c for r in rows for c in r if c.endswith("_ms")})
     print("| seq | batch | pairs | " + " | ".join(c.removesuffix("_ms") + " (ms)" for c in columns) + " |")
     print("|---" * (3 + len(columns)) + "|")
