@@ -111,14 +111,17 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     scale = math.sqrt(head_dim)
     count = token_counts(mask_f, batch, n)
     sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
-    scores = low_resolution(*sums[:2], None, count, scale).scores
-    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
-    layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     backend = implementation.removeprefix("pallas_")  # "reference", "gpu" or "tpu"
-    # "full" mode differentiates the low resolution too: its block sums go through the kernels, which fold their
-    # gradients into dQ/dK/dV (the returned sums are the same values).
+    # "full" mode with kernels differentiates the low resolution through the kernels: its block sums pass through
+    # them, which fold their gradients into dQ/dK/dV (the returned sums are the same values).
+    through = full and backend != "reference"
+    low = low_resolution(*sums[:2], sums[2] if full else None, count, scale)
+    indices, bits = select_blocks(low.scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
+    layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     o, lse, *passed = block_sparse_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, backend=backend,
-                                             interpret=interpret, block_sums=sums if full else None)
-    low = low_resolution(*passed[0], count, scale) if full else None
+                                             interpret=interpret, block_sums=sums if through else None)
+    if through:
+        low = low_resolution(*passed[0], count, scale)
+    low = low if full else None
     out = combine(o, lse, low, selected_pair_mask(bits, n) if full else None, mask_f)
     return out[:, :seq].astype(query.dtype)
