@@ -180,7 +180,7 @@ def test_padded_keys_have_zero_probability(backend):
     assert (np.asarray(o1)[1] == 0).all() and np.isneginf(np.asarray(l1)[1]).all()
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu", "reference"])
+@pytest.mark.parametrize("backend", ["gpu", "reference"])  # the TPU kernels turn None into ones themselves
 def test_no_mask_equals_a_mask_of_ones(backend):
     """``key_mask=None`` (the GPU kernels' variant without mask loads) gives what an all-ones mask gives."""
     q, k, v, layout, _, _, _ = problem(5, b=2, h=2, s=96, d=32, dtype=jnp.float32, sel="random", mask_kind="none")
