@@ -9,10 +9,13 @@ Tokens are grouped in blocks of ``BLOCK = 32``.  Three kernels, none using atomi
 * ``attention_dkv``: program ``(j, bh)`` over key block ``j``, looping over the column view.
 
 Logits are ``dot(q, k) * sm_scale``, kept in base 2 inside the loops (one multiply by ``sm_scale·log2(e)``, then
-``exp2``).  The block specs index ``[B, S, H, d]`` as ``(b, block, h, :)``, so no transposes surround the kernels;
-K/V (and Q/dO in the dK/dV pass) are passed as the whole sequence of one (b, h) and sliced in the kernel, so only
-32-row tiles are ever loaded.  Without a key mask (``key_mask=None``) a static variant skips the mask loads; with one,
-padded keys get probability exactly 0.  ``d`` is padded to a power of two >= 16 (Triton's rule) only when needed.
+``exp2``).  Each loop visits ``chunk`` listed blocks per iteration (their rows gathered into one ``[chunk·32, d]``
+tile, so the dots are ``32 × chunk·32`` rather than 32 × 32), then the remainder of the list one block at a time.
+The block specs index ``[B, S, H, d]`` as ``(b, block, h, :)``, so no transposes surround the kernels; K/V (and Q/dO
+in the dK/dV pass) are passed as the whole sequence of one (b, h) and indexed in the kernel, so only the listed
+blocks' rows are ever loaded.  Without a key mask (``key_mask=None``) a static variant skips the mask loads; with
+one, padded keys get probability exactly 0.  ``d`` is padded to a power of two >= 16 (Triton's rule) only when
+needed.
 
 The kernel bodies only use ref indexing and ``jnp``/``lax`` ops, so they also run with ``interpret=True`` on CPU.
 """
@@ -39,14 +42,16 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 _LAUNCH = {
-    # (kernel, float32 inputs, padded head_dim <= 64) -> (num_warps, num_stages), chosen by ptxas's register and
-    # spill report for an H100 (../shared/tools/h100-compile): the fewest warps that compile without spills (one
-    # stage where two spill: float32 dK/dV); speed on hardware not yet measured.
-    ("fwd", False, True): (2, 2), ("fwd", False, False): (4, 2), ("fwd", True, True): (4, 2),
-    ("fwd", True, False): (4, 2),
-    ("dq", False, True): (2, 2), ("dq", False, False): (4, 2), ("dq", True, True): (4, 2), ("dq", True, False): (4, 2),
-    ("dkv", False, True): (4, 2), ("dkv", False, False): (4, 2), ("dkv", True, True): (4, 1),
-    ("dkv", True, False): (8, 1),
+    # (kernel, float32 inputs, padded head_dim <= 64) -> (num_warps, num_stages, chunk), chunk = listed blocks per
+    # loop iteration. Chosen by ptxas's register and spill report for an H100 (../shared/tools/h100-compile): the
+    # largest chunk of 4 / 2 / 1 that compiles without spills (bfloat16 at 4 warps: 4, dK/dV at d = 128: 2; float32
+    # spills at 2: 1, with the fewest warps, one stage for dK/dV, that do not spill). Speed on hardware not measured.
+    ("fwd", False, True): (4, 2, 4), ("fwd", False, False): (4, 2, 4), ("fwd", True, True): (4, 2, 1),
+    ("fwd", True, False): (4, 2, 1),
+    ("dq", False, True): (4, 2, 4), ("dq", False, False): (4, 2, 4), ("dq", True, True): (4, 2, 1),
+    ("dq", True, False): (4, 2, 1),
+    ("dkv", False, True): (4, 2, 4), ("dkv", False, False): (4, 2, 2), ("dkv", True, True): (4, 1, 1),
+    ("dkv", True, False): (8, 1, 1),
 }
 
 
@@ -73,24 +78,48 @@ def _pad_last(x: jax.Array, d_pad: int) -> jax.Array:
     return x if d == d_pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)])
 
 
+def _launch(name: str, dtype, dp: int) -> tuple[int, int, int]:
+    return _LAUNCH[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
+
+
 def _call(kernel, name: str, dtype, dp: int, **kwargs):
     """``pl.pallas_call`` with the warps and stages of the table, the Triton-backend deprecation warning (jax >= 0.11)
     silenced locally."""
-    warps, stages = _LAUNCH[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
+    warps, stages, _ = _launch(name, dtype, dp)
     params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
         return pl.pallas_call(kernel, compiler_params=params, name=f"block_sparse_attention_{name}", **kwargs)
 
 
-def _key_block_logits(q, k_ref, v_ref, mask_ref, j, qk_scale, precision):
-    """Key block ``j`` of the current (b, h): its keys, values and base-2 logits of ``q`` (-inf at padding)."""
-    off = pl.multiple_of(j * BLOCK, BLOCK)
-    k = k_ref[pl.ds(off, BLOCK), :]
-    v = v_ref[pl.ds(off, BLOCK), :]
+def _over_list(start, count, chunk: int, step, init):
+    """``step(first, size, carry)`` over list entries ``[start, start + count)``: ``chunk`` entries at a time, then
+    the remainder one at a time (``size`` is static)."""
+    full = count // chunk
+    carry = lax.fori_loop(0, full, lambda t, c: step(start + t * chunk, chunk, c), init)
+    if chunk == 1:
+        return carry
+    rest = start + full * chunk
+    return lax.fori_loop(0, count - full * chunk, lambda t, c: step(rest + t, 1, c), carry)
+
+
+def _gather(ref, ids_ref, first, size: int):
+    """The tokens of blocks ``ids_ref[first : first + size]`` of a per-(b, h) ``[S, ...]`` ref, in list order:
+    ``[size·32, ...]`` (one contiguous slice when ``size == 1``)."""
+    if size == 1:
+        return ref[pl.ds(pl.multiple_of(ids_ref[first] * BLOCK, BLOCK), BLOCK)]
+    ids = ids_ref[pl.ds(first, size)]
+    return ref[(ids[:, None] * BLOCK + jnp.arange(BLOCK, dtype=ids.dtype)[None, :]).reshape(size * BLOCK)]
+
+
+def _key_logits(q, k_ref, v_ref, mask_ref, cols_ref, first, size: int, qk_scale, precision):
+    """Key blocks ``cols_ref[first : first + size]`` of the current (b, h): their keys, values and the base-2 logits
+    of ``q`` (``[32, size·32]``, -inf at padding)."""
+    k = _gather(k_ref, cols_ref, first, size)
+    v = _gather(v_ref, cols_ref, first, size)
     s = _dot(q, k, (1, 1), precision) * qk_scale
     if mask_ref is not None:
-        s = jnp.where(mask_ref[pl.ds(off, BLOCK)][None, :] != 0, s, _NEG_INF)
+        s = jnp.where(_gather(mask_ref, cols_ref, first, size)[None, :] != 0, s, _NEG_INF)
     return k, v, s
 
 
@@ -134,16 +163,16 @@ def _prepare(q, k, v, key_mask):
 # forward
 
 
-def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_scale, precision, masked):
+def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_scale, precision, masked, chunk):
     mask_ref = refs[0] if masked else None
     o_ref, lse_ref = refs[-2:]
     i = pl.program_id(0)
     start = start_ref[i]
     q = q_ref[...]
 
-    def body(t, carry):
+    def step(first, size, carry):
         acc, m, denom = carry
-        _, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, cols_ref[start + t], qk_scale, precision)
+        _, v, s = _key_logits(q, k_ref, v_ref, mask_ref, cols_ref, first, size, qk_scale, precision)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_safe)
@@ -157,7 +186,7 @@ def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_s
         jnp.full((BLOCK,), _NEG_INF, jnp.float32),
         jnp.zeros((BLOCK,), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, count_ref[i], body, init)
+    acc, m, denom = _over_list(start, count_ref[i], chunk, step, init)
     pos = denom > 0.0
     denom_safe = jnp.where(pos, denom, 1.0)
     o_ref[...] = jnp.where(pos[:, None], acc / denom_safe[:, None], 0.0).astype(o_ref.dtype)
@@ -169,7 +198,7 @@ def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float
     (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
     n, kk = s // BLOCK, layout.row_cols.shape[-1]
     kernel = functools.partial(_fwd_kernel, qk_scale=sm_scale * _LOG2E, precision=matmul_precision(q.dtype),
-                               masked=masked)
+                               masked=masked, chunk=_launch("fwd", q.dtype, dp)[2])
     o, lse = _call(
         kernel, "fwd", q.dtype, dp,
         out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), q.dtype), jax.ShapeDtypeStruct((b, s, h), jnp.float32)),
@@ -198,7 +227,7 @@ def _with_block_grad(grad, block_grad_ref, token_mask_ref):
 
 
 def _dq_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
-               sm_scale, precision, masked, summed):
+               sm_scale, precision, masked, summed, chunk):
     mask_ref = refs[0] if masked else None  # the whole sequence's key mask
     qmask_ref = refs[1] if masked and summed else None  # this block's tokens
     dsum_ref = refs[-2] if summed else None
@@ -211,18 +240,18 @@ def _dq_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_
     lse2 = jnp.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # such rows see no valid key: every p below is 0
     delta = delta_ref[...]
 
-    def body(t, dq):
-        k, v, s = _key_block_logits(q, k_ref, v_ref, mask_ref, cols_ref[start + t], qk_scale, precision)
+    def step(first, size, dq):
+        k, v, s = _key_logits(q, k_ref, v_ref, mask_ref, cols_ref, first, size, qk_scale, precision)
         p = jnp.exp2(s - lse2[:, None])
         ds = p * (_dot(do, v, (1, 1), precision) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0), precision)
 
-    dq = lax.fori_loop(0, count_ref[i], body, jnp.zeros(q.shape, jnp.float32))
+    dq = _over_list(start, count_ref[i], chunk, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = _with_block_grad(dq * sm_scale, dsum_ref, qmask_ref).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(start_ref, count_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, qk_scale,
-                sm_scale, precision, masked, summed):
+                sm_scale, precision, masked, summed, chunk):
     mask_ref = refs[0] if masked else None  # this key block's tokens
     dk_sum_ref, dv_sum_ref = refs[-4:-2] if summed else (None, None)
     dk_ref, dv_ref = refs[-2:]
@@ -231,31 +260,28 @@ def _dkv_kernel(start_ref, count_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse
     k = k_ref[...]
     v = v_ref[...]
 
-    def body(t, carry):
+    def step(first, size, carry):
         dk, dv = carry
-        off = pl.multiple_of(rows_ref[start + t] * BLOCK, BLOCK)
-        q = q_ref[pl.ds(off, BLOCK), :]
-        do = do_ref[pl.ds(off, BLOCK), :]
-        lse = lse_ref[pl.ds(off, BLOCK)]
+        q, do, lse, delta = (_gather(ref, rows_ref, first, size) for ref in (q_ref, do_ref, lse_ref, delta_ref))
         lse2 = jnp.where(lse == _NEG_INF, 0.0, lse * _LOG2E)
         s = _dot(q, k, (1, 1), precision) * qk_scale
         if masked:
             s = jnp.where(mask_ref[...][None, :] != 0, s, _NEG_INF)
         p = jnp.exp2(s - lse2[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)
-        ds = p * (_dot(do, v, (1, 1), precision) - delta_ref[pl.ds(off, BLOCK)][:, None])
+        ds = p * (_dot(do, v, (1, 1), precision) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)
         return dk, dv
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, count_ref[c], body, init)
+    dk, dv = _over_list(start, count_ref[c], chunk, step, init)
     dk_ref[...] = _with_block_grad(dk * sm_scale, dk_sum_ref, mask_ref).astype(dk_ref.dtype)
     dv_ref[...] = _with_block_grad(dv, dv_sum_ref, mask_ref).astype(dv_ref.dtype)
 
 
-def _backward_kwargs(q, sm_scale: float, masked: bool, summed: bool) -> dict:
+def _backward_kwargs(name: str, q, dp: int, sm_scale: float, masked: bool, summed: bool) -> dict:
     return dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, precision=matmul_precision(q.dtype), masked=masked,
-                summed=summed)
+                summed=summed, chunk=_launch(name, q.dtype, dp)[2])
 
 
 def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_scale: float, interpret=False,
@@ -274,7 +300,7 @@ def attention_dq(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_s
         extra_specs.append(spec.block_row())
         extra.append(_pad_last(block_grad, dp))
     dq = _call(
-        functools.partial(_dq_kernel, **_backward_kwargs(q, sm_scale, masked, summed)), "dq", q.dtype, dp,
+        functools.partial(_dq_kernel, **_backward_kwargs("dq", q, dp, sm_scale, masked, summed)), "dq", q.dtype, dp,
         out_shape=jax.ShapeDtypeStruct((b, s, h, dp), q.dtype),
         grid=(n, b * h),
         in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.block(), spec.sequence(), spec.sequence(),
@@ -298,7 +324,7 @@ def attention_dkv(q, k, v, layout: BlockLayout, key_mask, lse, do, delta, *, sm_
     extra_specs = [spec.mask(whole=False)] * masked + [spec.block_row()] * (2 * summed)
     extra = [key_mask] * masked + [_pad_last(g, dp) for g in (block_grads if summed else ())]
     dk, dv = _call(
-        functools.partial(_dkv_kernel, **_backward_kwargs(q, sm_scale, masked, summed)), "dkv", q.dtype, dp,
+        functools.partial(_dkv_kernel, **_backward_kwargs("dkv", q, dp, sm_scale, masked, summed)), "dkv", q.dtype, dp,
         out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), k.dtype), jax.ShapeDtypeStruct((b, s, h, dp), v.dtype)),
         grid=(n, b * h),
         in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.sequence(), spec.block(), spec.block(),

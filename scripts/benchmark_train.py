@@ -60,8 +60,12 @@ def run_case(config: mra_jax.MraConfig, seq: int, tokens: int, attention: str, d
     cfg = optim.OptimizerConfig(warmup_steps=0)
     schedule = optim.make_schedule(cfg, 1000)
     tx = optim.make_optimizer(cfg, schedule)
+    start = time.perf_counter()
     graphdef, state, shardings = init_state(
         lambda: mra_jax.MraForMaskedLM(config, rngs=nnx.Rngs(0), dtype=dtype, options=options), tx, mesh, "dp")
+    jax.block_until_ready(state)
+    print(f"  seq {seq} {attention}: initialised in {time.perf_counter() - start:.1f} s, compiling the step",
+          file=sys.stderr, flush=True)
     sharding = batch_sharding(mesh)
     step = make_train_step(graphdef, tx, schedule, mlm_loss, seed=0, grad_accum_steps=1, shardings=shardings,
                            batch_sharding=sharding, prepare=mlm_masking(spec))

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# One prepared accelerator session (run from the repository root on the lent GPU machine; $OUT collects results):
-# environment, a correctness smoke test of the compiled kernels against the jnp reference, the attention benchmark
-# (all peers, per-stage times), the training benchmark, then the golden tests on the GPU with what time is left.
-# Each step has its own time limit so one slow step cannot take the others' results with it.
+# One prepared accelerator session, run from the repository root on the lent GPU machine (logs and JSON results
+# end up in $OUT/gpu_session.tgz):
+#   STEPS="env smoke train attention golden" bash scripts/gpu_session.sh
+# env: versions; smoke: the compiled kernels against the jnp reference inside mra_attention (forward and gradients);
+# attention: scripts/benchmark_attention.py (all peers, per-stage times), one call per length so a timeout loses one
+# row only; train: scripts/benchmark_train.py (base size; its first compile took > 2 min on an H200); golden: the
+# golden tests on the GPU. Each step has its own time limit. Missing packages travel as wheels in .whl (see
+# /work/.library/device/README.md); the image's own flax/jax are kept (flax 0.12.8 does not import on jax 0.11.2).
 set -u
-OUT=${OUT:-out/gpu_session}; mkdir -p "$OUT"
+OUT=${OUT:-out/gpu_session}; LOGS=$(mktemp -d)/gpu_session; mkdir -p "$OUT" "$LOGS"
+STEPS=${STEPS:-"env smoke train attention golden"}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 rm -rf /tmp/site
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-step() { local limit=$1 name=$2; shift 2; echo "=== $name ($(date +%T), limit ${limit}s)"; \
-         timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E 'done$|^I[0-9]|^W[0-9]'; }
-step 20 env bash -c 'nvidia-smi -L; python3 -c "import jax, jaxlib, flax, optax, sys; print(sys.version.split()[0], \
-  jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, jax.devices())"'
-step 90 smoke python3 - <<'PY'
-import jax, jax.numpy as jnp, numpy as np
+run() { local limit=$1 name=$2; shift 2; echo "=== $name ($(date +%T), limit ${limit}s)"; \
+        timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" | grep -v -E 'done$|^I[0-9]|^W[0-9]'; }
+for step in $STEPS; do case $step in
+env) run 20 env bash -c 'nvidia-smi -L; python3 -c "import jax, jaxlib, flax, optax, sys; print(sys.version.split()[0], \
+  jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, jax.devices())"' ;;
+smoke) run 90 smoke python3 - <<'PY'
+import jax, jax.numpy as jnp
 from mra_jax.attention import mra_attention
 for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
     for masked in (False, True):
@@ -34,9 +40,19 @@ for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
         print(jnp.dtype(dtype).name, "masked" if masked else "unmasked", "rel err o,dq,dk,dv:",
               " ".join(f"{e:.2e}" for e in errs), "OK" if max(errs) < tol else "FAIL")
 PY
-step 230 attention python3 scripts/benchmark_attention.py --seqs 1024,4096,16384 --repeats 10 --json "$OUT/attention.json"
-step 100 attention_long python3 scripts/benchmark_attention.py --seqs 65536,131072 --tokens 65536 --repeats 5 \
-  --skip dense_xla --json "$OUT/attention_long.json"
-step 150 train python3 scripts/benchmark_train.py --seqs 4096,512,16384 --steps 5 --json "$OUT/train.json"
-step 90 golden python3 -m pytest -q -p no:cacheprovider -k "not pallas_tpu" tests/test_attention_golden.py tests/test_models_golden.py
+;;
+attention)
+  for seq in 1024 4096 16384; do
+    run 80 "attention_$seq" python3 scripts/benchmark_attention.py --seqs $seq --repeats 10 --json "$LOGS/attention_$seq.json"
+  done
+  for seq in 65536 131072; do
+    run 80 "attention_$seq" python3 scripts/benchmark_attention.py --seqs $seq --tokens $seq --repeats 5 \
+      --skip dense_xla,mra_reference --json "$LOGS/attention_$seq.json"
+  done ;;
+train) run 300 train python3 scripts/benchmark_train.py --seqs 4096,16384 --steps 5 --json "$LOGS/train.json" ;;
+golden) run 100 golden python3 -m pytest -q -p no:cacheprovider -k "not pallas_tpu" tests/test_attention_golden.py \
+  tests/test_models_golden.py ;;
+*) echo "unknown step $step" ;;
+esac; done
+tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOGS")" gpu_session  # one file: the tool returns 8 at most
 echo "=== end $(date +%T)"

@@ -16,7 +16,7 @@ def selection(rng, bh: int, n: int, k: int, kind: str) -> np.ndarray:
     """[BH, K] distinct flat pair ids, shuffled. ``skewed`` leaves the last query rows and key columns empty."""
     out = []
     for _ in range(bh):
-        if kind == "random":
+        if kind in ("random", "all"):
             pairs = rng.permutation(n * n)[:k]
         else:  # skewed: rows 0..n/2-1 only, columns 0..n-2 only (plus the diagonal of those rows)
             rows = np.arange(max(1, n // 2))

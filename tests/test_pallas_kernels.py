@@ -18,6 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_cases import SM_SCALE, assert_matches_reference, loss_and_grad, problem, rows, selection
 
 from pallas_kernels import BLOCK, block_sparse_attention, build_block_layout
+from pallas_kernels import gpu as gpu_kernels
 
 reference = functools.partial(block_sparse_attention, backend="reference")
 
@@ -133,6 +134,9 @@ CASES = [
     pytest.param("gpu", jnp.float32, 128, 96, "random", "none", (1, 2), None, id="gpu-f32-d128-n3"),
     pytest.param("gpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), None, id="gpu-bf16-d64-skewed-padded"),
     pytest.param("gpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), None, id="gpu-bf16-d48-n7-random"),
+    # every pair selected: lists of n = 7 blocks, i.e. whole chunks of listed blocks plus a remainder in every loop
+    pytest.param("gpu", jnp.bfloat16, 128, 224, "all", "padded", (2, 1), None, id="gpu-bf16-d128-n7-all-padded"),
+    pytest.param("gpu", jnp.bfloat16, 64, 224, "all", "none", (1, 2), None, id="gpu-bf16-d64-n7-all"),
     pytest.param("tpu", jnp.float32, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-f32-d64-skewed-padded"),
     pytest.param("tpu", jnp.float32, 48, 224, "random", "padded", (2, 2), None, id="tpu-f32-d48-S224-random-padded"),
     pytest.param("tpu", jnp.float32, 128, 256, "random", "none", (1, 2), "races", id="tpu-f32-d128-S256-races"),
@@ -148,7 +152,8 @@ def test_kernel_matches_reference(backend, dtype, d, s, sel, mask_kind, bh_shape
     if races:  # two simulated cores splitting the "parallel" BH axis, with the happens-before race detector
         interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     seed = d * 1000 + s + (sel == "skewed") + 2 * (mask_kind == "padded")
-    q, k, v, layout, key_mask, w1, w2 = problem(seed, b=b, h=h, s=s, d=d, dtype=dtype, sel=sel, mask_kind=mask_kind)
+    q, k, v, layout, key_mask, w1, w2 = problem(seed, b=b, h=h, s=s, d=d, dtype=dtype, sel=sel, mask_kind=mask_kind,
+                                                k=(s // 32) ** 2 if sel == "all" else None)
     (_, (o, lse)), grads = loss_and_grad(kernels(backend, interpret), layout, key_mask, w1, w2)(q, k, v)
     (_, (o_ref, lse_ref)), grads_ref = loss_and_grad(reference, layout, key_mask, w1, w2)(q, k, v)
     if races:
@@ -163,6 +168,20 @@ def test_kernel_matches_reference(backend, dtype, d, s, sel, mask_kind, bh_shape
         assert (lay.row_count == 0).any() and (lay.col_count == 0).any()
         assert (dq[lay.row_count == 0] == 0).all()
         assert (dk[lay.col_count == 0] == 0).all() and (dv[lay.col_count == 0] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_gpu_chunked_lists_match_reference(monkeypatch, chunk):
+    """The GPU loops visit ``chunk`` listed blocks per iteration, then the rest one by one: float32, every pair
+    selected (lists of 7), padded keys, against the reference at float32 tolerance."""
+    table = {key: (*launch[:2], chunk) for key, launch in gpu_kernels._LAUNCH.items()}
+    monkeypatch.setattr(gpu_kernels, "_LAUNCH", table)
+    q, k, v, layout, key_mask, w1, w2 = problem(11, b=2, h=1, s=224, d=32, dtype=jnp.float32, sel="all",
+                                                mask_kind="padded", k=49)
+    (_, (o, lse)), grads = loss_and_grad(kernels("gpu"), layout, key_mask, w1, w2)(q, k, v)
+    (_, (o_ref, lse_ref)), grads_ref = loss_and_grad(reference, layout, key_mask, w1, w2)(q, k, v)
+    assert_matches_reference(q, (o, lse, grads), (o_ref, lse_ref, grads_ref), dtype=jnp.float32, sel="all",
+                             mask_kind="padded")
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
