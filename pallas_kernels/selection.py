@@ -131,6 +131,12 @@ def _count_ge(keys: jax.Array, valid: jax.Array, th: jax.Array) -> tuple[jax.Arr
     return packed, jnp.sum(_popcount(packed), axis=1)
 
 
+def _count_at_least(keys: jax.Array, th: jax.Array) -> jax.Array:
+    """``count(keys >= th)`` for ``J`` thresholds ``th [R, J]`` (all >= 1, so zero padding never counts): ``[R, J]``,
+    one reduction over the row for all thresholds (nothing packed, nothing written but the counts)."""
+    return jnp.sum(keys[:, None, :] >= th[:, :, None], axis=-1, dtype=jnp.int32)
+
+
 def _radix_select(count_ge, kk: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Largest uint32 ``T`` with ``count_ge(T) >= kk`` (per row) and ``count_ge(T + 1)`` (0 if ``T`` is the max).
 
@@ -203,8 +209,7 @@ def _sampled_threshold(keys: jax.Array, valid: jax.Array, n: int, k: int):
     slot_ok = jnp.arange(cap, dtype=jnp.int32) < n_cand[:, None]
     buf = jnp.where(slot_ok, jnp.take_along_axis(keys, jnp.minimum(idx, n - 1), axis=-1), jnp.uint32(0))
     # Padding keys are 0 and the radix select never tests threshold 0, so padding is never counted.
-    all_valid = jnp.asarray(_valid_words(cap))
-    t_buf, above_buf = _radix_select(lambda th: _count_ge(buf, all_valid, th)[1], k - c_hi)
+    t_buf, above_buf = _radix_select(lambda th: _count_at_least(buf, th), k - c_hi)
     t = jnp.where(single, lo, t_buf)
     count_gt = jnp.where(single, c_hi, c_hi + above_buf)
     return t, count_gt, ok
@@ -251,7 +256,7 @@ def topk_selection(scores: jax.Array, k: int, *, method: Method = "auto") -> tup
     kk = jnp.full((keys.shape[0],), k, jnp.int32)
 
     def exact():
-        return _radix_select(lambda th: _count_ge(keys, valid, th)[1], kk)
+        return _radix_select(lambda th: _count_at_least(keys, th), kk)
 
     if method == "radix":
         t, count_gt = exact()
