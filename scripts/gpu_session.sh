@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One prepared accelerator session, run from the repository root on the lent GPU machine (logs and JSON results
 # end up in $OUT/gpu_session.tgz):
-#   STEPS="env smoke train attention golden" bash scripts/gpu_session.sh
+#   STEPS="env smoke train attention golden" bash scripts/gpu_session.sh     (the default; "tune" is a step too)
 # env: versions; smoke: the compiled kernels against the jnp reference inside mra_attention (forward and gradients);
 # attention: scripts/benchmark_attention.py (all peers, per-stage times), one call per length so a timeout loses one
-# row only; train: scripts/benchmark_train.py (base size; its first compile took > 2 min on an H200); golden: the
-# golden tests on the GPU. Each step has its own time limit. Missing packages travel as wheels in .whl (see
-# /work/.library/device/README.md); the image's own flax/jax are kept (flax 0.12.8 does not import on jax 0.11.2).
+# row only; tune: scripts/tune_gpu_kernels.py (launch settings per kernel, bf16); train: scripts/benchmark_train.py
+# (base size; its first compile took > 2 min on an H200); golden: the golden tests on the GPU. Each step has its own
+# time limit. Missing packages travel as wheels in .whl (see /work/.library/device/README.md); the image's own
+# flax/jax are kept (flax 0.12.8 does not import on jax 0.11.2).
 set -u
 OUT=${OUT:-out/gpu_session}; LOGS=$(mktemp -d)/gpu_session; mkdir -p "$OUT" "$LOGS"
 STEPS=${STEPS:-"env smoke train attention golden"}
@@ -49,6 +50,7 @@ attention)
     run 80 "attention_$seq" python3 scripts/benchmark_attention.py --seqs $seq --tokens $seq --repeats 5 \
       --skip dense_xla,mra_reference --json "$LOGS/attention_$seq.json"
   done ;;
+tune) run 300 tune python3 scripts/tune_gpu_kernels.py --json "$LOGS/tune.json" ;;
 train) run 300 train python3 scripts/benchmark_train.py --seqs 4096,16384 --steps 5 --json "$LOGS/train.json" ;;
 golden) run 100 golden python3 -m pytest -q -p no:cacheprovider -k "not pallas_tpu" tests/test_attention_golden.py \
   tests/test_models_golden.py ;;

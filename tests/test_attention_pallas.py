@@ -77,3 +77,15 @@ def test_benchmark_script_runs_small(tmp_path, capsys):
                 "mra_pallas_fwd_ms", "mra_pallas_fwd_bwd_ms", "mra_reference_fwd_ms", "dense_xla_fwd_bwd_ms"):
         assert isinstance(row[key], float), key
     assert "| 64 |" in capsys.readouterr().out
+
+
+def test_tuning_script_runs_small(capsys):
+    """scripts/tune_gpu_kernels.py on CPU (interpret mode): every setting timed, the table restored afterwards."""
+    from pallas_kernels import gpu as gpu_kernels
+
+    table = dict(gpu_kernels._LAUNCH)
+    main = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "tune_gpu_kernels.py"))["main"]
+    assert main(["--small"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| float32 | 32 |") == 6 and "as `_LAUNCH` entries" in out
+    assert table == gpu_kernels._LAUNCH
