@@ -95,8 +95,8 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
         "selection_lax_top_k": (jax.jit(lambda s: jax.lax.top_k(s.reshape(*s.shape[:-2], -1), num_blocks)[1]),
                                 (low.scores,)),
         "kernel": (attend, (q, k, v, layout)),
-        "combination": (jax.jit(lambda o, lse, low, bits: combine(o, lse, low, selected_pair_mask(bits, n), None)),
-                        (o, lse, low, selected)),
+        "combination": (jax.jit(lambda o, lse, low, bits: combine(o, lse, low, selected_pair_mask(bits, n), None)
+                                .astype(o.dtype)), (o, lse, low, selected)),  # as mra_attention returns it
     }
 
 
