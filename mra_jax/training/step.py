@@ -78,11 +78,24 @@ def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation
             p = _plain(nnx.split(build(), nnx.Param)[1])
         return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
 
+    options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
     if params is None:
-        state = jax.jit(lambda: create(None), out_shardings=shardings)()
+        state = jax.jit(lambda: create(None), out_shardings=shardings).lower().compile(options)()
     else:
-        state = jax.jit(create, in_shardings=(shardings.params,), out_shardings=shardings)(_plain(params))
+        args = (_plain(params),)
+        state = jax.jit(create, in_shardings=(shardings.params,), out_shardings=shardings).lower(*args).compile(
+            options)(*args)
     return graphdef, state, shardings
+
+
+_INIT_COMPILER_OPTIONS = {
+    # XLA:GPU's sibling multi-output fusion merges the random initialisers of all same-shaped parameters (their
+    # threefry counters share one iota) into a few kernels of up to ~50 outputs; ptxas then spends minutes on them
+    # (base size, deviceless H100 compile on 2 CPU cores: 190 s, 31 s without the pass). The pass only saves launches
+    # of a program that runs once.
+    "gpu": {"xla_disable_hlo_passes": "multi_output_fusion"},
+}
+"""Compiler options of the jitted initialisation, per platform."""
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
