@@ -134,9 +134,8 @@ CASES = [
     pytest.param("gpu", jnp.float32, 128, 96, "random", "none", (1, 2), None, id="gpu-f32-d128-n3"),
     pytest.param("gpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), None, id="gpu-bf16-d64-skewed-padded"),
     pytest.param("gpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), None, id="gpu-bf16-d48-n7-random"),
-    # every pair selected: lists of n = 7 blocks, i.e. whole chunks of listed blocks plus a remainder in every loop
+    # every pair selected: lists of n = 7 blocks, i.e. whole chunks of listed blocks (2 here) plus a remainder
     pytest.param("gpu", jnp.bfloat16, 128, 224, "all", "padded", (2, 1), None, id="gpu-bf16-d128-n7-all-padded"),
-    pytest.param("gpu", jnp.bfloat16, 64, 224, "all", "none", (1, 2), None, id="gpu-bf16-d64-n7-all"),
     pytest.param("tpu", jnp.float32, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-f32-d64-skewed-padded"),
     pytest.param("tpu", jnp.float32, 48, 224, "random", "padded", (2, 2), None, id="tpu-f32-d48-S224-random-padded"),
     pytest.param("tpu", jnp.float32, 128, 256, "random", "none", (1, 2), "races", id="tpu-f32-d128-S256-races"),
@@ -170,10 +169,9 @@ def test_kernel_matches_reference(backend, dtype, d, s, sel, mask_kind, bh_shape
         assert (dk[lay.col_count == 0] == 0).all() and (dv[lay.col_count == 0] == 0).all()
 
 
-@pytest.mark.parametrize("chunk", [2, 3])
-def test_gpu_chunked_lists_match_reference(monkeypatch, chunk):
-    """The GPU loops visit ``chunk`` listed blocks per iteration, then the rest one by one: float32, every pair
-    selected (lists of 7), padded keys, against the reference at float32 tolerance."""
+def test_gpu_chunked_lists_match_reference(monkeypatch, chunk=4):
+    """The GPU loops visit ``chunk`` listed blocks per iteration, then the rest one by one: float32 (whose table says
+    1), every pair selected (lists of 7 = 4 + 3), padded keys, against the reference at float32 tolerance."""
     table = {key: (*launch[:2], chunk) for key, launch in gpu_kernels._LAUNCH.items()}
     monkeypatch.setattr(gpu_kernels, "_LAUNCH", table)
     q, k, v, layout, key_mask, w1, w2 = problem(11, b=2, h=1, s=224, d=32, dtype=jnp.float32, sel="all",
