@@ -2,8 +2,8 @@
 # One prepared accelerator session, run from the repository root on the lent GPU machine (logs and JSON results
 # end up in $OUT/gpu_session.tgz):
 #   STEPS="env smoke train attention golden" bash scripts/gpu_session.sh     (the default; "tune" is a step too)
-# The steps' limits add up to more than one device call may run (600 s): split them over two calls, e.g.
-# STEPS="env smoke tune train" (~9 min) then STEPS="attention golden" (~8 min), timeout_s a little above.
+# The steps' limits add up to more than one device call may run (600 s) and than a session's device time (900 s):
+# choose, e.g. STEPS="env smoke tune train" in one call, then STEPS="attention" with the time that is left.
 # env: versions; smoke: the compiled kernels against the jnp reference inside mra_attention (forward and gradients);
 # attention: scripts/benchmark_attention.py (all peers, per-stage times), one call per length so a timeout loses one
 # row only; tune: scripts/tune_gpu_kernels.py (launch settings per kernel, bf16); train: scripts/benchmark_train.py
