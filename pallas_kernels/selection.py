@@ -152,16 +152,9 @@ def _radix_select(count_ge, kk: jax.Array, b: int = _RADIX_BITS) -> tuple[jax.Ar
     for shift in range(32 - b, -1, -b):
         steps = jnp.arange(1, 1 << b, dtype=jnp.uint32) << shift
         c = count_ge(t[:, None] + steps)  # [R, 2^b - 1], non-increasing along the last axis
-        # The digit is the number of thresholds still holding kk keys; `above` becomes the count at the next one.
-        if b <= _RADIX_BITS:  # written per column (no reduction, no gather): one kernel per step on XLA:GPU
-            columns = [c[:, j] for j in range(c.shape[1])]
-            digit = sum((cj >= kk).astype(jnp.int32) for cj in columns)
-            for j in reversed(range(len(columns))):  # the first column below kk, if any
-                above = jnp.where(columns[j] < kk, columns[j], above)
-        else:  # 255 columns written out would take XLA minutes to compile
-            digit = jnp.sum(c >= kk[:, None], axis=-1, dtype=jnp.int32)
-            nxt = jnp.take_along_axis(c, jnp.minimum(digit, (1 << b) - 2)[:, None], axis=-1)[:, 0]
-            above = jnp.where(digit < (1 << b) - 1, nxt, above)
+        digit = jnp.sum(c >= kk[:, None], axis=-1, dtype=jnp.int32)
+        nxt = jnp.take_along_axis(c, jnp.minimum(digit, (1 << b) - 2)[:, None], axis=-1)[:, 0]
+        above = jnp.where(digit < (1 << b) - 1, nxt, above)
         t = t + (digit.astype(jnp.uint32) << shift)
     return t, above
 
