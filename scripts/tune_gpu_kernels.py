@@ -17,9 +17,8 @@ import datetime
 import itertools
 import json
 import math
-import statistics
+import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +26,8 @@ import jax.numpy as jnp
 from pallas_kernels import BLOCK, build_block_layout
 from pallas_kernels import gpu as gpu_kernels
 
-
-def _time(fn, *args, repeats: int) -> float:
-    """Median milliseconds of ``fn(*args)`` after one compile-and-run."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_attention import _time  # the same timing as the attention benchmark
 
 
 def _problem(batch: int, seq: int, heads: int, head_dim: int, block_per_row: int, dtype):
