@@ -7,6 +7,8 @@ Public API:
 * :func:`block_sparse_attention` — differentiable ``(o, lse)`` block-sparse attention on ``[B, S, H, d]``;
   ``backend="gpu"`` (Pallas Triton kernels, :mod:`pallas_kernels.gpu`), ``"tpu"`` (Pallas Mosaic kernels,
   :mod:`pallas_kernels.tpu`) or ``"reference"`` (pure jnp, same contract);
+* :func:`merged_attention` — MRA's output: the same attention merged with a per-block low-resolution part
+  (:mod:`pallas_kernels.merge`), in the GPU forward kernel's epilogue;
 * :data:`BLOCK` (32 tokens), :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a
   block selection;
 * :func:`matmul_precision` — the float32-HIGHEST / default precision rule of every matmul;
@@ -15,8 +17,8 @@ Public API:
 
 from .layout import BLOCK, BlockLayout, build_block_layout
 from .numerics import matmul_precision
-from .ops import BACKENDS, block_sparse_attention
+from .ops import BACKENDS, block_sparse_attention, merged_attention
 from .selection import topk_indices
 
 __all__ = ["BACKENDS", "BLOCK", "BlockLayout", "block_sparse_attention", "build_block_layout", "matmul_precision",
-           "topk_indices"]
+           "merged_attention", "topk_indices"]

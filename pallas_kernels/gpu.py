@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .layout import BLOCK, BlockLayout
+from .merge import merge
 from .numerics import matmul_precision
 
 __all__ = ["attention_dkv", "attention_dq", "attention_forward"]
@@ -163,8 +164,11 @@ def _prepare(q, k, v, key_mask):
 # forward
 
 
-def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_scale, precision, masked, chunk):
-    mask_ref = refs[0] if masked else None
+def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_scale, precision, masked, chunk,
+                merged, full, eps):
+    mask_ref = refs[0] if masked else None  # the whole sequence's key mask
+    qmask_ref = refs[1] if masked and merged else None  # this block's tokens
+    low_refs = refs[-4:-2] if full else None  # this query block's low-resolution part: u [d], (z, rm) [2]
     o_ref, lse_ref = refs[-2:]
     i = pl.program_id(0)
     start = start_ref[i]
@@ -189,25 +193,48 @@ def _fwd_kernel(start_ref, count_ref, cols_ref, q_ref, k_ref, v_ref, *refs, qk_s
     acc, m, denom = _over_list(start, count_ref[i], chunk, step, init)
     pos = denom > 0.0
     denom_safe = jnp.where(pos, denom, 1.0)
-    o_ref[...] = jnp.where(pos[:, None], acc / denom_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(pos, (m + jnp.log2(denom_safe)) * _LN2, _NEG_INF)
+    o = jnp.where(pos[:, None], acc / denom_safe[:, None], 0.0)
+    lse = jnp.where(pos, (m + jnp.log2(denom_safe)) * _LN2, _NEG_INF)
+    if merged:  # MRA's output in the epilogue: o never goes to memory
+        low = (low_refs[0][...][None, :], low_refs[1][0], low_refs[1][1]) if full else None
+        o = merge(o, lse, low, eps)
+        if qmask_ref is not None:
+            o = jnp.where(qmask_ref[...][:, None] != 0, o, 0.0)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
-def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float, interpret=False):
-    """``o`` [B, S, H, d] (q.dtype) and ``lse`` [B, S, H] float32 (arguments checked by ``ops``)."""
+def attention_forward(q, k, v, layout: BlockLayout, key_mask, *, sm_scale: float, interpret=False,
+                      merge_eps: float | None = None, low=None):
+    """``o`` [B, S, H, d] (q.dtype) and ``lse`` [B, S, H] float32 (arguments checked by ``ops``).
+
+    With ``merge_eps`` the first output is MRA's merged output instead of ``o`` (:func:`~pallas_kernels.merge.merge`
+    of ``o``, ``lse`` and ``low = (u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 or ``None``, zero at padded
+    queries), computed in the epilogue.
+    """
     (b, s, h, d, dp), spec, (qp, kp, vp), masked = _prepare(q, k, v, key_mask)
     n, kk = s // BLOCK, layout.row_cols.shape[-1]
+    merged, full = merge_eps is not None, low is not None
+    if full and not merged:
+        raise ValueError("a low-resolution part needs merge_eps")
     kernel = functools.partial(_fwd_kernel, qk_scale=sm_scale * _LOG2E, precision=matmul_precision(q.dtype),
-                               masked=masked, chunk=_launch("fwd", q.dtype, dp)[2])
+                               masked=masked, chunk=_launch("fwd", q.dtype, dp)[2], merged=merged, full=full,
+                               eps=merge_eps)
+    extra_specs = [spec.mask(whole=True)] * masked + [spec.mask(whole=False)] * (masked and merged)
+    extra = [key_mask] * masked + [key_mask] * (masked and merged)
+    if full:
+        u, z, rm = low
+        extra_specs += [spec.block_row(), pl.BlockSpec((None, None, None, 2), lambda i, r: (r // h, i, r % h, 0))]
+        extra += [_pad_last(u.astype(jnp.float32), dp), jnp.stack([z, rm], axis=-1).astype(jnp.float32)]
     o, lse = _call(
         kernel, "fwd", q.dtype, dp,
         out_shape=(jax.ShapeDtypeStruct((b, s, h, dp), q.dtype), jax.ShapeDtypeStruct((b, s, h), jnp.float32)),
         grid=(n, b * h),
         in_specs=[spec.lists(n), spec.lists(n), spec.lists(kk), spec.block(), spec.sequence(), spec.sequence(),
-                  *([spec.mask(whole=True)] if masked else [])],
+                  *extra_specs],
         out_specs=(spec.block(), spec.block_stat()),
         interpret=interpret,
-    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, *([key_mask] if masked else []))
+    )(layout.row_start, layout.row_count, layout.row_cols, qp, kp, vp, *extra)
     return o[..., :d], lse
 
 

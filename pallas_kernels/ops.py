@@ -1,5 +1,6 @@
-"""Differentiable block-sparse attention returning ``(o, lse)`` in the callers' layout: the Pallas kernels of a GPU
-or a TPU, or a pure-jnp reference, behind one function.
+"""Differentiable block-sparse attention in the callers' layout: the Pallas kernels of a GPU or a TPU, or a pure-jnp
+reference, behind two functions: :func:`block_sparse_attention` returns ``(o, lse)``; :func:`merged_attention`
+returns MRA's output, ``o`` merged with a per-block low-resolution part (in the GPU forward kernel's epilogue).
 
 Contract (every backend): ``q``, ``k``, ``v`` are ``[B, S, H, d]`` (``jax.nn.dot_product_attention``'s layout) with
 ``S`` a multiple of ``BLOCK = 32`` (``n = S // 32`` blocks); ``layout`` is the :class:`BlockLayout` of the selection,
@@ -10,7 +11,7 @@ Each query token gets softmax attention over the valid keys of its row's selecte
 * ``o`` ``[B, S, H, d]`` (q.dtype), normalised; 0 for a query that sees no valid key;
 * ``lse`` ``[B, S, H]`` float32, the log-sum-exp of its logits; ``-inf`` for a query that sees no valid key.
 
-Both outputs are differentiable w.r.t. q, k, v; ``layout`` and ``key_mask`` get no gradient.  The kernels read and
+Every output is differentiable w.r.t. q, k, v; ``layout`` and ``key_mask`` get no gradient.  The kernels read and
 write this layout directly through their block specs (the TPU wrapper transposes, see :mod:`pallas_kernels.tpu`).
 """
 
@@ -24,8 +25,9 @@ from jax import lax
 
 from . import gpu, tpu
 from .layout import BLOCK, BlockLayout
+from .merge import merge, merge_weights
 
-__all__ = ["BACKENDS", "block_sparse_attention"]
+__all__ = ["BACKENDS", "block_sparse_attention", "merged_attention"]
 
 BACKENDS = ("gpu", "tpu", "reference")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -47,50 +49,91 @@ def _validate(q, k, v, layout: BlockLayout, key_mask) -> None:
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, key_mask=None, *, sm_scale: float, backend: str = "gpu",
-                           interpret=False, block_sums=None):
-    """Block-sparse attention; returns ``(o, lse)`` (see the module docstring), or ``(o, lse, block_sums)``.
+                           interpret=False):
+    """Block-sparse attention; returns ``(o, lse)`` (see the module docstring).
 
     ``backend``: ``"gpu"`` (Pallas Triton kernels), ``"tpu"`` (Pallas Mosaic kernels) or ``"reference"`` (jnp
     gathers, differentiated by JAX).  ``interpret`` is passed to ``pl.pallas_call``: ``True`` runs the kernels on CPU;
     for ``"tpu"`` a ``pltpu.InterpretParams(...)`` selects the TPU interpreter.
-
-    ``block_sums`` (optional): ``(q_sum, k_sum, v_sum)`` [B, n, H, d] float32, the sums of ``q``, ``k``, ``v`` over
-    the unpadded tokens of each block (MRA's block means before the division), computed by the caller.  They are
-    returned as they are; use the returned ones downstream and their cotangents reach ``q``, ``k``, ``v`` through the
-    kernels' epilogues (each unpadded token of a block gets its block's cotangent) instead of separate passes over the
-    ``[B, S, H, d]`` gradients.  Values and gradients equal passing the sums around the function.
     """
+    layout, key_mask = _checked(q, k, v, layout, key_mask, backend)
+    if backend == "reference":
+        return _reference(q, k, v, layout, key_mask, float(sm_scale))
+    return _kernel_attention(q, k, v, layout, key_mask, float(sm_scale), backend, interpret)
+
+
+def merged_attention(q, k, v, layout: BlockLayout, key_mask=None, *, sm_scale: float, eps: float, low_fn=None,
+                     block_sums=None, low_aux=None, backend: str = "gpu", interpret=False):
+    """MRA's attention output ``[B, S, H, d]`` (q.dtype), zero at padded queries: the block-sparse attention merged
+    with a per-query-block low-resolution part (:mod:`pallas_kernels.merge`), in the forward kernel's epilogue on
+    GPUs (``o`` never goes to memory).
+
+    ``low_fn=None``: no low-resolution part, ``out = o / (1 + eps)``.  Otherwise ``low_fn(block_sums, low_aux)``
+    returns ``(u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 in jnp (differentiable in ``block_sums``), where
+    ``block_sums = (q_sum, k_sum, v_sum)`` [B, n, H, d] float32 are the sums of ``q``, ``k``, ``v`` over the unpadded
+    tokens of each block, computed by the caller (MRA's block means before the division), and ``low_aux`` holds
+    anything else ``low_fn`` needs (no gradient).  The gradient that reaches the block sums through ``low_fn`` is
+    added to ``q``, ``k``, ``v`` inside the backward kernels' epilogues on GPUs, with no pass over the
+    ``[B, S, H, d]`` gradients; values and gradients equal computing the low-resolution part around the attention.
+    Other arguments as :func:`block_sparse_attention`.
+    """
+    layout, key_mask = _checked(q, k, v, layout, key_mask, backend)
+    if low_fn is not None:
+        b, s, h, d = q.shape
+        shapes = [tuple(x.shape) for x in block_sums or ()]
+        if len(shapes) != 3 or any(x != (b, s // BLOCK, h, d) for x in shapes):
+            raise ValueError(f"block_sums must be three [B, n, H, d] = {(b, s // BLOCK, h, d)} arrays, got {shapes}")
+        block_sums = tuple(x.astype(jnp.float32) for x in block_sums)
+    if backend == "reference":
+        o, lse = _reference(q, k, v, layout, key_mask, float(sm_scale))
+        low = None if low_fn is None else low_fn(block_sums, low_aux)
+        return _merge_tokens(o, lse, low, key_mask, float(eps), traced_by_autodiff=True).astype(q.dtype)
+    if low_fn is None:
+        block_sums = low_aux = None
+    return _merged_attention(q, k, v, layout, key_mask, block_sums, low_aux, low_fn, float(eps), float(sm_scale),
+                             backend, interpret)
+
+
+def _checked(q, k, v, layout, key_mask, backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _validate(q, k, v, layout, key_mask)
-    if block_sums is not None:
-        b, s, h, d = q.shape
-        shapes = [tuple(x.shape) for x in block_sums]
-        if len(shapes) != 3 or any(x != (b, s // BLOCK, h, d) for x in shapes):
-            raise ValueError(f"block_sums must be three [B, n, H, d] = {(b, s // BLOCK, h, d)} arrays, got {shapes}")
     layout = jax.tree.map(lax.stop_gradient, layout)
-    key_mask = None if key_mask is None else (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
-    if backend == "reference":
-        out = _reference(q, k, v, layout, key_mask, float(sm_scale))
-        return out if block_sums is None else (*out, tuple(block_sums))
-    sums = None if block_sums is None else tuple(x.astype(jnp.float32) for x in block_sums)
-    out = _kernel_attention(q, k, v, layout, key_mask, sums, float(sm_scale), backend, interpret)
-    return out[:2] if block_sums is None else out
+    return layout, None if key_mask is None else (lax.stop_gradient(key_mask) != 0).astype(jnp.int32)
+
+
+def _merge_tokens(o, lse, low, key_mask, eps: float, traced_by_autodiff: bool = False):
+    """:func:`~pallas_kernels.merge.merge` on ``[B, S, H, d]`` tokens with ``[B, n, H, ...]`` block quantities
+    broadcast over their 32 tokens inside one fusion; zero at padded queries. Float32."""
+    b, s, h, d = o.shape
+    n = s // BLOCK
+    blocks = None if low is None else (low[0][:, :, None], low[1][:, :, None], low[2][:, :, None])
+    out = merge(o.reshape(b, n, BLOCK, h, d), lse.reshape(b, n, BLOCK, h), blocks, eps,
+                traced_by_autodiff=traced_by_autodiff).reshape(b, s, h, d)
+    return out if key_mask is None else jnp.where(key_mask[:, :, None, None] != 0, out, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pallas kernels: one custom VJP for both families
+# Pallas kernels: one custom VJP per output form, one backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _kernel_attention(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret):
-    o, lse = _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, sm_scale=sm_scale, interpret=interpret)
-    return o, lse, sums
-
-
-def _kernel_attention_fwd(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret):
-    out = _kernel_attention(q, k, v, layout, key_mask, sums, sm_scale, backend, interpret)
-    return out, (q, k, v, layout, key_mask, out[0], out[1])
+def _grads(q, k, v, layout, key_mask, lse, do, delta, dsums, sm_scale, backend, interpret):
+    """FlashAttention-2's backward from ``do`` and ``delta = rowsum(o * do) - dlse``: dQ over the row view and
+    dK/dV over the column view (no atomics), plus the block-sum cotangents ``dsums`` (or ``None``) for each unpadded
+    token of their block (in the GPU kernels' epilogues, on TPU after them)."""
+    args = (q, k, v, layout, key_mask, lse, do.astype(q.dtype), delta)
+    kw = dict(sm_scale=sm_scale, interpret=interpret)
+    if backend == "gpu" and dsums is not None:
+        dq = gpu.attention_dq(*args, **kw, block_grad=dsums[0])
+        dk, dv = gpu.attention_dkv(*args, **kw, block_grads=dsums[1:])
+        return dq, dk, dv
+    kernels = _KERNELS[backend]
+    dq = kernels.attention_dq(*args, **kw)
+    dk, dv = kernels.attention_dkv(*args, **kw)
+    if dsums is not None:
+        dq, dk, dv = (g + _token_grads(c, key_mask, q.shape[1]).astype(g.dtype)
+                      for g, c in zip((dq, dk, dv), dsums, strict=True))
+    return dq, dk, dv
 
 
 def _token_grads(block_grad, key_mask, s: int):
@@ -100,29 +143,70 @@ def _token_grads(block_grad, key_mask, s: int):
     return grad if key_mask is None else jnp.where(key_mask[:, :, None, None] != 0, grad, 0.0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _kernel_attention(q, k, v, layout, key_mask, sm_scale, backend, interpret):
+    return _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, sm_scale=sm_scale, interpret=interpret)
+
+
+def _kernel_attention_fwd(q, k, v, layout, key_mask, sm_scale, backend, interpret):
+    o, lse = _kernel_attention(q, k, v, layout, key_mask, sm_scale, backend, interpret)
+    return (o, lse), (q, k, v, layout, key_mask, o, lse)
+
+
 def _kernel_attention_bwd(sm_scale, backend, interpret, res, cts):
-    """FlashAttention-2's backward: ``delta = rowsum(o * do) - dlse``, then dQ over the row view and dK/dV over the
-    column view (no atomics); block-sum cotangents are added in the GPU kernels' epilogues (on TPU, after them)."""
     q, k, v, layout, key_mask, o, lse = res
-    do, dlse, dsums = cts
-    summed = dsums is not None
+    do, dlse = cts
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse.astype(jnp.float32)
-    args = (q, k, v, layout, key_mask, lse, do.astype(q.dtype), delta)
-    kw = dict(sm_scale=sm_scale, interpret=interpret)
-    if backend == "gpu" and summed:
-        dq = gpu.attention_dq(*args, **kw, block_grad=dsums[0])
-        dk, dv = gpu.attention_dkv(*args, **kw, block_grads=dsums[1:])
-    else:
-        kernels = _KERNELS[backend]
-        dq = kernels.attention_dq(*args, **kw)
-        dk, dv = kernels.attention_dkv(*args, **kw)
-        if summed:
-            dq, dk, dv = (g + _token_grads(c, key_mask, q.shape[1]).astype(g.dtype)
-                          for g, c in zip((dq, dk, dv), dsums, strict=True))
-    return dq, dk, dv, None, None, None  # the sums' cotangents are in dq, dk, dv (None: symbolic zeros, no work)
+    return (*_grads(q, k, v, layout, key_mask, lse, do, delta, None, sm_scale, backend, interpret), None, None)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _merged_attention(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret):
+    return _merged_attention_fwd(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret)[0]
+
+
+def _merged_attention_fwd(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret):
+    low, low_vjp = (None, None) if low_fn is None else jax.vjp(lambda x: low_fn(x, aux), sums)
+    kw = dict(sm_scale=sm_scale, interpret=interpret)
+    if backend == "gpu":
+        out, lse = gpu.attention_forward(q, k, v, layout, key_mask, **kw, merge_eps=eps, low=low)
+    else:
+        o, lse = _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, **kw)
+        out = _merge_tokens(o, lse, low, key_mask, eps).astype(q.dtype)
+    return out, (q, k, v, layout, key_mask, out, lse, low, low_vjp)
+
+
+def _merged_attention_bwd(low_fn, eps, sm_scale, backend, interpret, res, g):
+    """With ``s = rowsum(g * out)``, ``(ar, cr)`` = :func:`~pallas_kernels.merge.merge_weights`: the attention's
+    ``do = ar * g`` and ``delta = rowsum(o * do) - dlse = ar * s`` (no ``o`` needed), and the low-resolution part's
+    cotangents per query block ``du = Σ cr g``, ``dz = -Σ cr s``, ``drm = Σ cr (g·u - z s)`` (sums over its tokens);
+    "sparse" mode: ``do = g / (1 + eps)``, ``delta = s``."""
+    q, k, v, layout, key_mask, out, lse, low, low_vjp = res
+    b, s, h, d = q.shape
+    n = s // BLOCK
+    g = g.astype(jnp.float32)
+    if key_mask is not None:  # out is 0 at padded queries, whatever the inputs
+        g = jnp.where(key_mask[:, :, None, None] != 0, g, 0.0)
+    rowdot = jnp.sum(g * out.astype(jnp.float32), axis=-1)  # [B, S, H]
+    if low is None:
+        return (*_grads(q, k, v, layout, key_mask, lse, g / (1.0 + eps), rowdot, None, sm_scale, backend, interpret),
+                None, None, None, None)
+    u, z, rm = low
+    gb, rd = g.reshape(b, n, BLOCK, h, d), rowdot.reshape(b, n, BLOCK, h)
+    ar, cr = merge_weights(lse.reshape(b, n, BLOCK, h), z[:, :, None], rm[:, :, None], eps)
+    do = (ar[..., None] * gb).reshape(b, s, h, d)
+    gu = jnp.einsum("bnthd,bnhd->bnth", gb, u, precision=lax.Precision.HIGHEST)
+    dlow = (jnp.sum(cr[..., None] * gb, axis=2), -jnp.sum(cr * rd, axis=2),
+            jnp.sum(cr * (gu - z[:, :, None] * rd), axis=2))
+    (dsums,) = low_vjp(dlow)
+    grads = _grads(q, k, v, layout, key_mask, lse, do, (ar * rd).reshape(b, s, h), dsums, sm_scale, backend, interpret)
+    return (*grads, None, None, None, None)  # the sums' cotangents are in dq, dk, dv (None: symbolic zeros, no work)
+
+
+_merged_attention.defvjp(_merged_attention_fwd, _merged_attention_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Peers in the same run: `jax.nn.dot_product_attention` with implementation="cudnn" (GPU only) and "xla". Shapes as
 the design's goals: a fixed number of tokens per call (batch = tokens / seq), 12 heads of 64, bfloat16, MRA budget
 `(seq / 32) * block_per_row` pairs. Each stage of the MRA forward is also timed on its own ("full" mode, inputs
-precomputed): low resolution (block means and logits), selection + block lists, the high-resolution kernel, the
-combination; and `lax.top_k` as the selection's peer. Sizes that do not fit are reported as skipped. Usage:
+precomputed): low resolution (block sums and selection scores), selection + block lists, the low-resolution output
+per query block, the high-resolution kernel with the merge of both parts; and `lax.top_k` as the selection's peer.
+Sizes that do not fit are reported as skipped. Usage:
   python scripts/benchmark_attention.py                      # 65,536 tokens at seq 512 ... 65536 (accelerator)
   python scripts/benchmark_attention.py --small              # a CPU-sized run (Pallas in interpret mode)
   python scripts/benchmark_attention.py --json results.json
@@ -25,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from mra_jax.attention import mra_attention
-from mra_jax.attention.combination import combine
-from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
-from mra_jax.attention.selection import select_blocks, selected_pair_mask
-from pallas_kernels import block_sparse_attention, build_block_layout
+from mra_jax.attention.combination import low_resolution_output
+from mra_jax.attention.low_resolution import EPS, block_sums, low_resolution, token_counts
+from mra_jax.attention.selection import select_blocks
+from pallas_kernels import build_block_layout, merged_attention
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -73,30 +74,38 @@ def kernel_traffic(batch: int, seq: int, heads: int, head_dim: int, num_blocks: 
 
 
 def stages(q, k, v, num_blocks: int, backend: str) -> dict:
-    """The four stages of the MRA forward as separate jitted functions with their inputs, in order."""
+    """The stages of the MRA forward as separate jitted functions with their inputs, in order: low resolution (block
+    sums and selection scores), selection + block lists, the low-resolution output per query block, and the kernel
+    with the merge of both parts in its epilogue (on GPUs; elsewhere the merge follows the kernel)."""
     n, scale = q.shape[1] // 32, math.sqrt(q.shape[-1])
     kernels = {"gpu": "gpu", "tpu": "tpu"}.get(backend, "reference")
+    count = token_counts(None, q.shape[0], n)
 
     def select(scores):
         indices, bits = select_blocks(scores, num_blocks)
         return build_block_layout(indices.reshape(-1, num_blocks), n, ascending=True), bits
 
     def low_res(q, k, v):
-        return low_resolution(*(block_sums(x, None) for x in (q, k, v)), token_counts(None, q.shape[0], n), scale)
+        sums = tuple(block_sums(x, None) for x in (q, k, v))
+        return sums, low_resolution(*sums[:2], None, count, scale).scores
 
-    low = jax.jit(low_res)(q, k, v)
-    layout, selected = jax.jit(select)(low.scores)
-    attend = jax.jit(lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, sm_scale=1 / scale,
-                                                                    backend=kernels))
-    o, lse = attend(q, k, v, layout)
+    def output(sums, bits):
+        return low_resolution_output(sums, (count, bits), scale=scale)
+
+    def attend(q, k, v, layout, low):  # the low-resolution part precomputed, passed through low_aux
+        return merged_attention(q, k, v, layout, sm_scale=1 / scale, eps=EPS, low_fn=lambda _, low: low,
+                                block_sums=sums, low_aux=low, backend=kernels)
+
+    sums, scores = jax.jit(low_res)(q, k, v)
+    layout, bits = jax.jit(select)(scores)
+    low = jax.jit(output)(sums, bits)
     return {
         "low_resolution": (jax.jit(low_res), (q, k, v)),
-        "selection_lists": (jax.jit(select), (low.scores,)),
+        "selection_lists": (jax.jit(select), (scores,)),
         "selection_lax_top_k": (jax.jit(lambda s: jax.lax.top_k(s.reshape(*s.shape[:-2], -1), num_blocks)[1]),
-                                (low.scores,)),
-        "kernel": (attend, (q, k, v, layout)),
-        "combination": (jax.jit(lambda o, lse, low, bits: combine(o, lse, low, selected_pair_mask(bits, n), None)
-                                .astype(o.dtype)), (o, lse, low, selected)),  # as mra_attention returns it
+                                (scores,)),
+        "low_resolution_output": (jax.jit(output), (sums, bits)),
+        "kernel_merged": (jax.jit(attend), (q, k, v, layout, low)),
     }
 
 

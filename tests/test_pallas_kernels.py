@@ -17,10 +17,11 @@ from conftest import rel_err as _rel
 from jax.experimental.pallas import tpu as pltpu
 from pallas_cases import SM_SCALE, assert_matches_reference, loss_and_grad, problem, rows, selection
 
-from pallas_kernels import BLOCK, block_sparse_attention, build_block_layout
+from pallas_kernels import BLOCK, block_sparse_attention, build_block_layout, merged_attention
 from pallas_kernels import gpu as gpu_kernels
 
 reference = functools.partial(block_sparse_attention, backend="reference")
+HI = jax.lax.Precision.HIGHEST
 
 
 def kernels(backend: str, interpret=None):
@@ -273,10 +274,13 @@ def test_rejects_bad_shapes_and_backends():
         block_sparse_attention(q, q, q, lay, sm_scale=1.0, backend="cuda")
 
 
-@pytest.mark.parametrize(("backend", "mask_kind"), [("gpu", "padded"), ("gpu", "none"), ("tpu", "padded")])
-def test_block_sums_through_the_kernels_get_their_gradient_in_the_epilogue(backend, mask_kind):
-    """Block sums passed through come back unchanged, and gradients that reach q, k, v through them (added in the
-    kernels' epilogues) equal the gradients of passing them around the kernels."""
+@pytest.mark.parametrize(("backend", "mask_kind", "mode"),
+                         [("gpu", "padded", "full"), ("gpu", "none", "full"), ("tpu", "padded", "full"),
+                          ("gpu", "padded", "sparse"), ("tpu", "none", "sparse")])
+def test_merged_attention_matches_merging_around_the_reference(backend, mask_kind, mode):
+    """MRA's merged output from the kernels (merged in the GPU forward kernel's epilogue, the low-resolution part's
+    block-sum gradients added in the backward kernels) equals the reference attention merged by autodiffed jnp:
+    values and the gradients of q, k, v, including those through the block sums and ``lse``."""
     b, h, s, d = 3, 2, 128, 32
     q, k, v, layout, key_mask, w1, _ = problem(9, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="skewed",
                                                mask_kind=mask_kind)
@@ -288,20 +292,34 @@ def test_block_sums_through_the_kernels_get_their_gradient_in_the_epilogue(backe
             blocks = blocks * key_mask.reshape(b, n, BLOCK, 1, 1)
         return blocks.sum(axis=2)
 
-    def loss(fn, through):
+    def low_fn(block_sums, temperature):  # a low-resolution attention over the block sums
+        qs, ks, vs = block_sums
+        logits = jnp.einsum("bihd,bjhd->bhij", qs, ks, precision=HI) * temperature
+        rm = jnp.max(logits, axis=-1)
+        weights = jnp.exp(logits - rm[..., None])
+        u = jnp.einsum("bhij,bjhd->bihd", weights, vs / BLOCK, precision=HI)
+        return u, jnp.sum(weights, axis=-1).transpose(0, 2, 1), rm.transpose(0, 2, 1)
+
+    low = dict(low_fn=low_fn, low_aux=jnp.float32(0.02)) if mode == "full" else {}
+
+    def loss(fn):
         def value(q, k, v):
-            block_sums = tuple(sums(x) for x in (q, k, v))
-            o, lse, *passed = fn(q, k, v, layout, key_mask, sm_scale=SM_SCALE,
-                                 block_sums=block_sums if through else None)
-            block_sums = passed[0] if through else block_sums
-            side = sum(jnp.sum(jnp.sin(x) * (i + 1)) for i, x in enumerate(block_sums))
-            return jnp.sum(o * w1) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)) + side
+            block_sums = tuple(sums(x) for x in (q, k, v)) if low else None
+            out = merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, block_sums=block_sums,
+                                   **low, **fn.keywords)
+            return jnp.sum(out * w1)
 
         return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2)))(q, k, v)
 
-    (val, grads), (val_ref, grads_ref) = loss(kernels(backend), True), loss(reference, False)
+    (val, grads), (val_ref, grads_ref) = loss(kernels(backend)), loss(reference)
     assert float(val) == pytest.approx(float(val_ref), rel=1e-6)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert _rel(g, g_ref) < 2e-5
+    if key_mask is not None:  # padded queries get exactly 0
+        out = merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, **low,
+                               block_sums=tuple(sums(x) for x in (q, k, v)) if low else None,
+                               **kernels(backend).keywords)
+        assert bool(jnp.all(jnp.where(key_mask[:, :, None, None] == 0, out, 0.0) == 0.0))
     with pytest.raises(ValueError, match="block_sums must be three"):
-        reference(q, k, v, layout, key_mask, sm_scale=SM_SCALE, block_sums=(sums(q), sums(k)))
+        merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, low_fn=low_fn,
+                         block_sums=(sums(q), sums(k)), backend="reference")

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mra_jax.attention.combination import combine
-from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
-from mra_jax.attention.selection import select_blocks, selected_pair_mask
+from mra_jax.attention.combination import low_resolution_output
+from mra_jax.attention.low_resolution import EPS, block_sums, low_resolution, token_counts
+from mra_jax.attention.selection import select_blocks
 from mra_jax.configuration import BLOCK_SIZE
-from pallas_kernels import block_sparse_attention, build_block_layout
+from pallas_kernels import build_block_layout, merged_attention
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu")
 APPROX_MODES = ("full", "sparse")
@@ -111,17 +111,13 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     scale = math.sqrt(head_dim)
     count = token_counts(mask_f, batch, n)
     sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
-    backend = implementation.removeprefix("pallas_")  # "reference", "gpu" or "tpu"
-    # "full" mode with kernels differentiates the low resolution through the kernels: its block sums pass through
-    # them, which fold their gradients into dQ/dK/dV (the returned sums are the same values).
-    through = full and backend != "reference"
-    low = low_resolution(*sums[:2], sums[2] if full else None, count, scale)
-    indices, bits = select_blocks(low.scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
+    scores = low_resolution(*sums[:2], None, count, scale).scores
+    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
     layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
-    o, lse, *passed = block_sparse_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, backend=backend,
-                                             interpret=interpret, block_sums=sums if through else None)
-    if through:
-        low = low_resolution(*passed[0], count, scale)
-    low = low if full else None
-    out = combine(o, lse, low, selected_pair_mask(bits, n) if full else None, mask_f)
-    return out[:, :seq].astype(query.dtype)
+    # "full" mode: the low-resolution output is merged in the attention's forward kernel (GPU), and the gradient
+    # that reaches the block sums through it is added in the backward kernels.
+    low = dict(low_fn=functools.partial(low_resolution_output, scale=scale), block_sums=sums,
+               low_aux=(count, bits)) if full else {}
+    out = merged_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, eps=EPS,
+                           backend=implementation.removeprefix("pallas_"), interpret=interpret, **low)
+    return out[:, :seq]
