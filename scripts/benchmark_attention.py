@@ -82,7 +82,7 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
     count = token_counts(None, q.shape[0], n)
 
     def select(scores):
-        indices, bits = select_blocks(scores, num_blocks)
+        indices, bits = select_blocks(scores, num_blocks, gpu_kernel=kernels == "gpu")
         return build_block_layout(indices.reshape(-1, num_blocks), n, ascending=True), bits
 
     def low_res(q, k, v):

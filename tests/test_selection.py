@@ -19,12 +19,12 @@ from jax import lax
 from pallas_kernels import selection
 from pallas_kernels.selection import topk_indices
 
-METHODS = ("radix", "sampled")
+METHODS = ("radix", "sampled", "radix_gpu")
 
 
 @functools.cache
 def _jitted(k: int, method: str):
-    return jax.jit(functools.partial(topk_indices, k=k, method=method))
+    return jax.jit(functools.partial(topk_indices, k=k, method=method, interpret=method == "radix_gpu"))
 
 
 @functools.cache

@@ -112,7 +112,8 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     count = token_counts(mask_f, batch, n)
     sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
     scores = low_resolution(*sums[:2], None, count, scale).scores
-    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n)  # [B, H, K] ascending, packed set
+    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n, gpu_kernel=implementation == "pallas_gpu",
+                                  interpret=interpret)  # [B, H, K] ascending, packed set
     layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     # "full" mode: the low-resolution output is merged in the attention's forward kernel (GPU), and the gradient
     # that reaches the block sums through it is added in the backward kernels.

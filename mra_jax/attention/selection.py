@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selection import topk_selection, unpack_bits
+from pallas_kernels.selection import auto_method, topk_selection, unpack_bits
 
 PRIOR_BONUS = 5000.0
 """HF's additive bonus for the pairs a prior forces into the selection."""
@@ -31,21 +31,24 @@ def add_priors(scores: jax.Array, first_n_blocks: int, diagonal_n_blocks: int) -
     return scores
 
 
-def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0,
-                  diagonal_n_blocks: int = 0) -> tuple[jax.Array, jax.Array]:
+def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0, diagonal_n_blocks: int = 0, *,
+                  gpu_kernel: bool = False, interpret=False) -> tuple[jax.Array, jax.Array]:
     """Global top-``num_blocks`` of the ``n * n`` pairs of ``[.., n, n]`` scores, per leading index.
 
     Returns int32 flat pair indices ``i * n + j`` (i = query block, j = key block), ``[.., num_blocks]``, in
     ascending order (the row view of the block lists as they are), and the same set as packed bits
     ``[.., ceil(n * n / 32)]`` (see `selected_pair_mask`). Ties keep the lowest flat indices, as HF's CUDA top-k
-    does. No gradient.
+    does. No gradient. ``gpu_kernel``: find the threshold with the Pallas GPU kernel where the radix method applies
+    (``interpret`` as for the attention kernels).
     """
     n = scores.shape[-1]
     if not 0 < num_blocks <= n * n:
         raise ValueError(f"num_blocks must be in [1, {n * n}] for {n} blocks per row, got {num_blocks}")
     scores = add_priors(jax.lax.stop_gradient(scores), first_n_blocks, diagonal_n_blocks)
     # The same set as lax.top_k (ties included) by radix selection, several times faster at large n * n.
-    return topk_selection(scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32), num_blocks)
+    flat = scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32)
+    method = "radix_gpu" if gpu_kernel and auto_method(flat.shape) == "radix" else "auto"
+    return topk_selection(flat, num_blocks, method=method, interpret=interpret)
 
 
 def selected_pair_mask(bits: jax.Array, n: int) -> jax.Array:
