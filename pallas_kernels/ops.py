@@ -18,6 +18,7 @@ write this layout directly through their block specs (the TPU wrapper transposes
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -118,9 +119,9 @@ def _merge_tokens(o, lse, low, key_mask, eps: float, traced_by_autodiff: bool = 
 
 
 def _grads(q, k, v, layout, key_mask, lse, do, delta, dsums, sm_scale, backend, interpret):
-    """FlashAttention-2's backward from ``do`` and ``delta = rowsum(o * do) - dlse``: dQ over the row view and
-    dK/dV over the column view (no atomics), plus the block-sum cotangents ``dsums`` (or ``None``) for each unpadded
-    token of their block (in the GPU kernels' epilogues, on TPU after them)."""
+    """FlashAttention-2's backward from ``do`` and ``delta = rowsum(o * do) - dlse``: dQ over the row view and dK/dV
+    over the column view (no atomics), plus the block-sum cotangents ``dsums`` (or ``None``) for each unpadded token
+    of their block (in the GPU kernels' epilogues, on TPU after them)."""
     args = (q, k, v, layout, key_mask, lse, do.astype(q.dtype), delta)
     kw = dict(sm_scale=sm_scale, interpret=interpret)
     if backend == "gpu" and dsums is not None:
@@ -180,29 +181,34 @@ def _merged_attention_fwd(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_
 
 
 def _merged_attention_bwd(low_fn, eps, sm_scale, backend, interpret, res, g):
-    """With ``s = rowsum(g * out)``, ``(ar, cr)`` = :func:`~pallas_kernels.merge.merge_weights`: the attention's
-    ``do = ar * g`` and ``delta = rowsum(o * do) - dlse = ar * s`` (no ``o`` needed), and the low-resolution part's
-    cotangents per query block ``du = Σ cr g``, ``dz = -Σ cr s``, ``drm = Σ cr (g·u - z s)`` (sums over its tokens);
-    "sparse" mode: ``do = g / (1 + eps)``, ``delta = s``."""
+    """With ``s = rowsum(g * out)`` and ``(ar, cr)`` = :func:`~pallas_kernels.merge.merge_weights`, the attention's
+    cotangents are ``do = ar * g`` and ``delta = rowsum(o * do) - dlse = ar * s`` (no ``o`` needed), and the
+    low-resolution part's, per query block, ``du = Σ cr g``, ``dz = -Σ cr s``, ``drm = Σ cr (g·u - z s)`` (sums over
+    its tokens); "sparse" mode: ``ar = 1 / (1 + eps)``, ``delta = s``.
+
+    The kernels get ``g`` itself: every term of the attention backward is ``p * do`` or ``p * delta`` with
+    ``p = e^(logit - lse)``, so ``ar`` moves into the exponent (``lse - log(ar)``, ``+inf`` where ``ar = 0``) and
+    ``delta / ar`` replaces ``delta``; no scaled copy of ``g`` is written."""
     q, k, v, layout, key_mask, out, lse, low, low_vjp = res
     b, s, h, d = q.shape
     n = s // BLOCK
-    g = g.astype(jnp.float32)
     if key_mask is not None:  # out is 0 at padded queries, whatever the inputs
-        g = jnp.where(key_mask[:, :, None, None] != 0, g, 0.0)
-    rowdot = jnp.sum(g * out.astype(jnp.float32), axis=-1)  # [B, S, H]
+        g = jnp.where(key_mask[:, :, None, None] != 0, g, jnp.zeros((), g.dtype))
+    rowdot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, S, H]
     if low is None:
-        return (*_grads(q, k, v, layout, key_mask, lse, g / (1.0 + eps), rowdot, None, sm_scale, backend, interpret),
-                None, None, None, None)
-    u, z, rm = low
-    gb, rd = g.reshape(b, n, BLOCK, h, d), rowdot.reshape(b, n, BLOCK, h)
-    ar, cr = merge_weights(lse.reshape(b, n, BLOCK, h), z[:, :, None], rm[:, :, None], eps)
-    do = (ar[..., None] * gb).reshape(b, s, h, d)
-    gu = jnp.einsum("bnthd,bnhd->bnth", gb, u, precision=lax.Precision.HIGHEST)
-    dlow = (jnp.sum(cr[..., None] * gb, axis=2), -jnp.sum(cr * rd, axis=2),
-            jnp.sum(cr * (gu - z[:, :, None] * rd), axis=2))
-    (dsums,) = low_vjp(dlow)
-    grads = _grads(q, k, v, layout, key_mask, lse, do, (ar * rd).reshape(b, s, h), dsums, sm_scale, backend, interpret)
+        lse_shift, delta, dsums = lse + math.log1p(eps), rowdot * (1.0 + eps), None
+    else:
+        u, z, rm = low
+        gb = g.astype(jnp.float32).reshape(b, n, BLOCK, h, d)
+        rd = rowdot.reshape(b, n, BLOCK, h)
+        ar, cr = merge_weights(lse.reshape(b, n, BLOCK, h), z[:, :, None], rm[:, :, None], eps)
+        gu = jnp.einsum("bnthd,bnhd->bnth", gb, u, precision=lax.Precision.HIGHEST)
+        dlow = (jnp.sum(cr[..., None] * gb, axis=2), -jnp.sum(cr * rd, axis=2),
+                jnp.sum(cr * (gu - z[:, :, None] * rd), axis=2))
+        (dsums,) = low_vjp(dlow)
+        ar = ar.reshape(b, s, h)
+        lse_shift, delta = jnp.where(ar > 0, lse - jnp.log(jnp.where(ar > 0, ar, 1.0)), jnp.inf), rowdot
+    grads = _grads(q, k, v, layout, key_mask, lse_shift, g, delta, dsums, sm_scale, backend, interpret)
     return (*grads, None, None, None, None)  # the sums' cotangents are in dq, dk, dv (None: symbolic zeros, no work)
 
 

@@ -230,10 +230,11 @@ _GPU_TILE = 512
 """Keys per tile in the GPU radix kernel's counting loop (a [512, 16] comparison at a time)."""
 
 
-def _radix_kernel(keys_ref, out_ref, *, k: int, tiles: int, tile: int):
+def _radix_kernel(scores_ref, out_ref, *, k: int, n: int, tiles: int, tile: int):
     """One row: the radix select of `_radix_select` (4 bits per step, 16 thresholds counted per pass including the
-    current prefix), all 8 passes over the row inside one program.  Keys are int32 in signed order (the uint32 key
-    with its top bit flipped; padding ``INT32_MIN``, never counted); ``t`` is built as the uint32 pattern."""
+    current prefix), all 8 passes over the row inside one program.  The float32 scores become int32 keys in signed
+    order here (the uint32 key with its top bit flipped; entries past ``n`` are ``INT32_MIN``, never counted); ``t``
+    is built as the uint32 pattern."""
     j = jnp.arange(1 << _RADIX_BITS, dtype=jnp.int32)
     t = jnp.int32(0)
     above = jnp.int32(0)
@@ -241,7 +242,10 @@ def _radix_kernel(keys_ref, out_ref, *, k: int, tiles: int, tile: int):
         cand = (t + (j << shift)) ^ jnp.int32(_I32_MIN)  # thresholds t + j·2^shift, j = 0 .. 15, in signed order
 
         def count(i, c, cand=cand):
-            x = keys_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)]
+            bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
+            x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+            if n % tile:
+                x = jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
             return c + jnp.sum((x[:, None] >= cand[None, :]).astype(jnp.int32), axis=0)
 
         c = lax.fori_loop(0, tiles, count, jnp.zeros(j.shape, jnp.int32))  # non-increasing; c[0] >= k always
@@ -251,18 +255,16 @@ def _radix_kernel(keys_ref, out_ref, *, k: int, tiles: int, tile: int):
     out_ref[...] = jnp.where(jnp.arange(2) == 0, t, above)
 
 
-def _radix_select_gpu(keys: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
-    """`_radix_select` of whole rows of uint32 ``keys [R, N]`` as one Pallas Triton kernel (program per row): one
-    launch and one read of the row per pass from L2, instead of ~3 launches per pass."""
-    rows, n = keys.shape
+def _radix_select_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
+    """`_radix_select` of whole rows of float32 ``scores [R, N]`` (their `_keys`) as one Pallas Triton kernel, a
+    program per row: one launch and one read of the row per pass (from L2), instead of ~3 launches per pass."""
+    rows, n = scores.shape
     tile = min(_GPU_TILE, max(32, 1 << (n - 1).bit_length()))
     tiles = -(-n // tile)
-    signed = lax.bitcast_convert_type(keys ^ jnp.uint32(0x80000000), jnp.int32)
-    signed = jnp.pad(signed, ((0, 0), (0, tiles * tile - n)), constant_values=_I32_MIN)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
         out = pl.pallas_call(
-            functools.partial(_radix_kernel, k=k, tiles=tiles, tile=tile),
+            functools.partial(_radix_kernel, k=k, n=n, tiles=tiles, tile=tile),
             out_shape=jax.ShapeDtypeStruct((rows, 2), jnp.int32),
             grid=(rows,),
             in_specs=[pl.BlockSpec((None, tiles * tile), lambda r: (r, 0))],
@@ -270,7 +272,7 @@ def _radix_select_gpu(keys: jax.Array, k: int, interpret) -> tuple[jax.Array, ja
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
             interpret=interpret,
             name="topk_radix_select",
-        )(signed)
+        )(jnp.pad(scores, ((0, 0), (0, tiles * tile - n))))
     return lax.bitcast_convert_type(out[:, 0], jnp.uint32), out[:, 1]
 
 
@@ -327,7 +329,7 @@ def topk_selection(scores: jax.Array, k: int, *, method: Method = "auto",
     if method == "radix":
         t, count_gt = exact()
     elif method == "radix_gpu":
-        t, count_gt = _radix_select_gpu(keys[:, :n], k, interpret)
+        t, count_gt = _radix_select_gpu(lax.stop_gradient(scores).reshape(-1, n), k, interpret)
     else:
         t_s, gt_s, ok = _sampled_threshold(keys, valid, n, k)
         t, count_gt = lax.cond(jnp.all(ok), lambda: (t_s, gt_s), exact)
