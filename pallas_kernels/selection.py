@@ -276,10 +276,17 @@ def _radix_select_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, 
     return lax.bitcast_convert_type(out[:, 0], jnp.uint32), out[:, 1]
 
 
-def auto_method(shape: tuple[int, ...]) -> Method:
-    """What ``method="auto"`` picks for ``scores`` of this shape: ``"sampled"`` on large inputs, else ``"radix"``."""
+_GPU_RADIX_MAX_N = 1 << 16
+"""Longest row for ``"radix_gpu"`` (a program reads its row 8 times; longer rows are left to the XLA methods)."""
+
+
+def auto_method(shape: tuple[int, ...], *, gpu_kernel: bool = False) -> Method:
+    """What ``method="auto"`` picks for ``scores`` of this shape: ``"sampled"`` on large inputs, else ``"radix"``;
+    with ``gpu_kernel``, ``"radix_gpu"`` instead of ``"radix"`` for rows of up to 2^16 entries."""
     n = shape[-1]
-    return "sampled" if n >= _AUTO_SAMPLED_MIN_N and math.prod(shape) >= _AUTO_SAMPLED_MIN_TOTAL else "radix"
+    if n >= _AUTO_SAMPLED_MIN_N and math.prod(shape) >= _AUTO_SAMPLED_MIN_TOTAL:
+        return "sampled"
+    return "radix_gpu" if gpu_kernel and n <= _GPU_RADIX_MAX_N else "radix"
 
 
 def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto", interpret=False) -> jax.Array:

@@ -38,7 +38,7 @@ def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0, d
     Returns int32 flat pair indices ``i * n + j`` (i = query block, j = key block), ``[.., num_blocks]``, in
     ascending order (the row view of the block lists as they are), and the same set as packed bits
     ``[.., ceil(n * n / 32)]`` (see `selected_pair_mask`). Ties keep the lowest flat indices, as HF's CUDA top-k
-    does. No gradient. ``gpu_kernel``: find the threshold with the Pallas GPU kernel where the radix method applies
+    does. No gradient. ``gpu_kernel``: find the threshold with the Pallas GPU kernel for rows of up to 2^16 pairs
     (``interpret`` as for the attention kernels).
     """
     n = scores.shape[-1]
@@ -47,8 +47,7 @@ def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0, d
     scores = add_priors(jax.lax.stop_gradient(scores), first_n_blocks, diagonal_n_blocks)
     # The same set as lax.top_k (ties included) by radix selection, several times faster at large n * n.
     flat = scores.reshape(*scores.shape[:-2], n * n).astype(jnp.float32)
-    method = "radix_gpu" if gpu_kernel and auto_method(flat.shape) == "radix" else "auto"
-    return topk_selection(flat, num_blocks, method=method, interpret=interpret)
+    return topk_selection(flat, num_blocks, method=auto_method(flat.shape, gpu_kernel=gpu_kernel), interpret=interpret)
 
 
 def selected_pair_mask(bits: jax.Array, n: int) -> jax.Array:
