@@ -21,9 +21,9 @@ __all__ = ["merge", "merge_weights"]
 
 
 def merge_weights(lse, z, rm, eps: float, *, traced_by_autodiff: bool = False):
-    """The per-token weights ``(a / D, c / D)`` of ``o`` and ``u``, ``D = a + c·z + eps`` (0 and ``1 / z``-ish for a
-    query that sees no key, ``lse = -inf``).  ``traced_by_autodiff`` makes ``M`` a constant for autodiff (the
-    kernels' hand-written backward treats it so; Pallas kernels have no ``stop_gradient``)."""
+    """The per-token weights ``(a / D, c / D)`` of ``o`` and ``u``, ``D = a + c·z + eps`` (``a = 0`` for a query that
+    sees no key, ``lse = -inf``).  ``traced_by_autodiff`` makes ``M`` a constant for autodiff (as the kernels'
+    hand-written backward treats it; Pallas kernels have no ``stop_gradient``)."""
     m = jnp.maximum(lse, rm)
     if traced_by_autodiff:
         m = lax.stop_gradient(m)
