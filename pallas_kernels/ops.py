@@ -76,9 +76,12 @@ def merged_attention(q, k, v, layout: BlockLayout, key_mask=None, *, sm_scale: f
     anything else ``low_fn`` needs (no gradient).  The gradient that reaches the block sums through ``low_fn`` is
     added to ``q``, ``k``, ``v`` inside the backward kernels' epilogues on GPUs, with no pass over the
     ``[B, S, H, d]`` gradients; values and gradients equal computing the low-resolution part around the attention.
-    Other arguments as :func:`block_sparse_attention`.
+    So ``block_sums`` must be exactly those sums of these ``q``, ``k``, ``v``: with the kernels, a gradient taken
+    with respect to ``block_sums`` directly is zero.  ``low_fn`` must not close over traced values (pass them in
+    ``low_aux``).  Other arguments as :func:`block_sparse_attention`.
     """
     layout, key_mask = _checked(q, k, v, layout, key_mask, backend)
+    low_aux = jax.tree.map(lax.stop_gradient, low_aux)
     if low_fn is not None:
         b, s, h, d = q.shape
         shapes = [tuple(x.shape) for x in block_sums or ()]
@@ -205,7 +208,7 @@ def _merged_attention_bwd(low_fn, eps, sm_scale, backend, interpret, res, g):
         gu = jnp.einsum("bnthd,bnhd->bnth", gb, u, precision=lax.Precision.HIGHEST)
         dlow = (jnp.sum(cr[..., None] * gb, axis=2), -jnp.sum(cr * rd, axis=2),
                 jnp.sum(cr * (gu - z[:, :, None] * rd), axis=2))
-        (dsums,) = low_vjp(dlow)
+        (dsums,) = low_vjp(tuple(c.astype(x.dtype) for c, x in zip(dlow, low, strict=True)))
         ar = ar.reshape(b, s, h)
         lse_shift, delta = jnp.where(ar > 0, lse - jnp.log(jnp.where(ar > 0, ar, 1.0)), jnp.inf), rowdot
     grads = _grads(q, k, v, layout, key_mask, lse_shift, g, delta, dsums, sm_scale, backend, interpret)

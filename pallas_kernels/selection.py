@@ -233,8 +233,9 @@ _GPU_TILE = 512
 def _radix_kernel(scores_ref, out_ref, *, k: int, n: int, tiles: int, tile: int):
     """One row: the radix select of `_radix_select` (4 bits per step, 16 thresholds counted per pass including the
     current prefix), all 8 passes over the row inside one program.  The float32 scores become int32 keys in signed
-    order here (the uint32 key with its top bit flipped; entries past ``n`` are ``INT32_MIN``, never counted); ``t``
-    is built as the uint32 pattern."""
+    order here (the uint32 key with its top bit flipped); entries past ``n`` are ``INT32_MIN``, which only the
+    prefix's own count ``c[0]`` can include (while ``t = 0``), and that count is only compared with ``k``, so they
+    never reach the result.  ``t`` is built as the uint32 pattern."""
     j = jnp.arange(1 << _RADIX_BITS, dtype=jnp.int32)
     t = jnp.int32(0)
     above = jnp.int32(0)
