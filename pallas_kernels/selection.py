@@ -4,8 +4,8 @@
 returns, sorted ascending. It is bit-exact: values are compared in IEEE total order, as XLA's TopK / sort do
 (``-0.0 < +0.0``, ``-NaN < -inf``, ``+inf < +NaN``), and among equal values the lowest indices win.
 
-How it works (plain ``jax.numpy``/``lax``, static shapes, ``jit``/``vmap``-able; ``"radix_gpu"``: step 2 as a Pallas
-kernel):
+How it works (plain ``jax.numpy``/``lax``, static shapes, ``jit``/``vmap``-able; ``"radix_gpu"``: steps 2 and 3 as a
+Pallas kernel):
 
 1. Map float32 to ``uint32`` keys whose unsigned order is the total order.
 2. Find the exact k-th largest key ``T`` and ``count(key > T)``:
@@ -18,8 +18,8 @@ kernel):
      and radix-select there, 8 bits per step. A bracket that is a single key (a large tie at ``T``) needs no buffer.
      If any row's bracket overflows the buffer (unlikely unless adversarial), the whole batch falls back to
      ``"radix"`` through a ``lax.cond`` (under ``vmap`` both branches run), so the result is exact for every input.
-   * ``"radix_gpu"``: ``"radix"`` in one Pallas Triton kernel, a program per row looping over its 8 passes (1
-     launch instead of ~24; the row is re-read from L2).
+   * ``"radix_gpu"``: ``"radix"`` and step 3 in one Pallas Triton kernel, a program per row looping over its 8
+     passes (the row re-read from L2), then a 9th that writes the indices and bits (1 launch instead of ~35).
 
 3. Select ``key > T`` plus the ``r = k - count(key > T)`` lowest-index entries with ``key == T`` and compact the
    selection to ``k`` ascending indices without a length-N sort or scatter: masks are packed into 32-bit words, prefix
@@ -230,12 +230,22 @@ _GPU_TILE = 512
 """Keys per tile in the GPU radix kernel's counting loop (a [512, 16] comparison at a time)."""
 
 
-def _radix_kernel(scores_ref, out_ref, *, k: int, n: int, tiles: int, tile: int):
-    """One row: the radix select of `_radix_select` (4 bits per step, 16 thresholds counted per pass including the
-    current prefix), all 8 passes over the row inside one program.  The float32 scores become int32 keys in signed
-    order here (the uint32 key with its top bit flipped); entries past ``n`` are ``INT32_MIN``, which only the
-    prefix's own count ``c[0]`` can include (while ``t = 0``), and that count is only compared with ``k``, so they
-    never reach the result.  ``t`` is built as the uint32 pattern."""
+def _radix_kernel(scores_ref, idx_ref, words_ref, *, k: int, n: int, tiles: int, tile: int):
+    """One row, the whole selection: the radix select of `_radix_select` (4 bits per step, 16 thresholds counted per
+    pass including the current prefix), all 8 passes over the row inside one program, then a 9th pass that writes
+    the selected indices (ascending) and packed bits as `topk_selection` returns them.
+
+    The float32 scores become int32 keys in signed order here (the uint32 key with its top bit flipped); entries past
+    ``n`` are ``INT32_MIN``, which only the prefix's own count ``c[0]`` can include (while ``t = 0``), and that count
+    is only compared with ``k``; in the last pass they come after every real tie.  ``t`` is built as the uint32
+    pattern."""
+    def keys(i):
+        bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
+        x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+        if n % tile:
+            x = jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
+        return x
+
     j = jnp.arange(1 << _RADIX_BITS, dtype=jnp.int32)
     t = jnp.int32(0)
     above = jnp.int32(0)
@@ -243,38 +253,53 @@ def _radix_kernel(scores_ref, out_ref, *, k: int, n: int, tiles: int, tile: int)
         cand = (t + (j << shift)) ^ jnp.int32(_I32_MIN)  # thresholds t + j·2^shift, j = 0 .. 15, in signed order
 
         def count(i, c, cand=cand):
-            bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
-            x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-            if n % tile:
-                x = jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
-            return c + jnp.sum((x[:, None] >= cand[None, :]).astype(jnp.int32), axis=0)
+            return c + jnp.sum((keys(i)[:, None] >= cand[None, :]).astype(jnp.int32), axis=0)
 
         c = lax.fori_loop(0, tiles, count, jnp.zeros(j.shape, jnp.int32))  # non-increasing; c[0] >= k always
         digit = jnp.sum((c >= k).astype(jnp.int32)) - 1
         above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j == digit + 1, c, 0)), above)
         t = t + (digit << shift)
-    out_ref[...] = jnp.where(jnp.arange(2) == 0, t, above)
+
+    # Selection: key > T, plus the k - count(key > T) lowest-index entries with key == T.
+    threshold, need = t ^ jnp.int32(_I32_MIN), k - above
+    lanes = jnp.arange(32, dtype=jnp.int32)
+    words = tile // 32
+
+    def emit(i, carry):
+        n_sel, n_eq = carry
+        x = keys(i)
+        eq = (x == threshold).astype(jnp.int32)
+        sel = ((x > threshold) | ((eq != 0) & (n_eq + jnp.cumsum(eq) - eq < need))).astype(jnp.int32)
+        slot = n_sel + jnp.cumsum(sel) - sel
+        pltriton.store(idx_ref.at[slot], i * tile + jnp.arange(tile, dtype=jnp.int32), mask=sel != 0)
+        words_ref[pl.ds(pl.multiple_of(i * words, words), words)] = jnp.sum(
+            sel.reshape(words, 32) << lanes[None, :], axis=1)
+        return n_sel + jnp.sum(sel), n_eq + jnp.sum(eq)
+
+    lax.fori_loop(0, tiles, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-def _radix_select_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
-    """`_radix_select` of whole rows of float32 ``scores [R, N]`` (their `_keys`) as one Pallas Triton kernel, a
-    program per row: one launch and one read of the row per pass (from L2), instead of ~3 launches per pass."""
+def _radix_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
+    """`topk_selection` of float32 ``scores [R, N]`` as one Pallas Triton kernel, a program per row: the radix select
+    (one read of the row per pass, from L2) and the compaction, instead of ~35 XLA launches."""
     rows, n = scores.shape
     tile = min(_GPU_TILE, max(32, 1 << (n - 1).bit_length()))
     tiles = -(-n // tile)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-        out = pl.pallas_call(
+        idx, words = pl.pallas_call(
             functools.partial(_radix_kernel, k=k, n=n, tiles=tiles, tile=tile),
-            out_shape=jax.ShapeDtypeStruct((rows, 2), jnp.int32),
+            out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
+                       jax.ShapeDtypeStruct((rows, tiles * tile // 32), jnp.int32)),
             grid=(rows,),
             in_specs=[pl.BlockSpec((None, tiles * tile), lambda r: (r, 0))],
-            out_specs=pl.BlockSpec((None, 2), lambda r: (r, 0)),
+            out_specs=(pl.BlockSpec((None, k), lambda r: (r, 0)),
+                       pl.BlockSpec((None, tiles * tile // 32), lambda r: (r, 0))),
             compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
             interpret=interpret,
             name="topk_radix_select",
         )(jnp.pad(scores, ((0, 0), (0, tiles * tile - n))))
-    return lax.bitcast_convert_type(out[:, 0], jnp.uint32), out[:, 1]
+    return idx, lax.bitcast_convert_type(words[:, : -(-n // 32)], jnp.uint32)
 
 
 _GPU_RADIX_MAX_N = 1 << 16
@@ -326,6 +351,10 @@ def topk_selection(scores: jax.Array, k: int, *, method: Method = "auto",
     if math.prod(lead) == 0:
         return jnp.zeros((*lead, k), jnp.int32), jnp.zeros((*lead, m), jnp.uint32)
 
+    if method == "radix_gpu":
+        idx, bits = _radix_selection_gpu(lax.stop_gradient(scores).reshape(-1, n), k, interpret)
+        return idx.reshape(*lead, k), bits.reshape(*lead, m)
+
     keys = _keys(lax.stop_gradient(scores).reshape(-1, n))
     keys = jnp.pad(keys, ((0, 0), (0, 32 * m - n)))  # pad entries are masked out of every packed word
     valid = jnp.asarray(_valid_words(n))
@@ -336,8 +365,6 @@ def topk_selection(scores: jax.Array, k: int, *, method: Method = "auto",
 
     if method == "radix":
         t, count_gt = exact()
-    elif method == "radix_gpu":
-        t, count_gt = _radix_select_gpu(lax.stop_gradient(scores).reshape(-1, n), k, interpret)
     else:
         t_s, gt_s, ok = _sampled_threshold(keys, valid, n, k)
         t, count_gt = lax.cond(jnp.all(ok), lambda: (t_s, gt_s), exact)
