@@ -110,11 +110,20 @@ def _merge_tokens(o, lse, low, key_mask, eps: float, traced_by_autodiff: bool = 
     """:func:`~pallas_kernels.merge.merge` on ``[B, S, H, d]`` tokens with ``[B, n, H, ...]`` block quantities
     broadcast over their 32 tokens inside one fusion; zero at padded queries. Float32."""
     b, s, h, d = o.shape
-    n = s // BLOCK
-    blocks = None if low is None else (low[0][:, :, None], low[1][:, :, None], low[2][:, :, None])
-    out = merge(o.reshape(b, n, BLOCK, h, d), lse.reshape(b, n, BLOCK, h), blocks, eps,
+    blocks = None if low is None else _per_token(low)
+    out = merge(_token_blocks(o), _token_blocks(lse), blocks, eps,
                 traced_by_autodiff=traced_by_autodiff).reshape(b, s, h, d)
     return out if key_mask is None else jnp.where(key_mask[:, :, None, None] != 0, out, 0.0)
+
+
+def _token_blocks(x):
+    """``[B, S, H, ...]`` -> ``[B, n, 32, H, ...]``: the tokens of each block on their own axis."""
+    return x.reshape(x.shape[0], x.shape[1] // BLOCK, BLOCK, *x.shape[2:])
+
+
+def _per_token(low):
+    """``[B, n, H, ...]`` block quantities broadcastable against `_token_blocks` views."""
+    return tuple(x[:, :, None] for x in low)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,19 +176,24 @@ def _kernel_attention_bwd(sm_scale, backend, interpret, res, cts):
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
+def _merged_forward(q, k, v, layout, key_mask, low, eps, sm_scale, backend, interpret):
+    """``(out, lse)``: merged in the GPU kernel's epilogue, by XLA after the TPU kernel."""
+    kw = dict(sm_scale=sm_scale, interpret=interpret)
+    if backend == "gpu":
+        return gpu.attention_forward(q, k, v, layout, key_mask, **kw, merge_eps=eps, low=low)
+    o, lse = _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, **kw)
+    return _merge_tokens(o, lse, low, key_mask, eps).astype(q.dtype), lse
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _merged_attention(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret):
-    return _merged_attention_fwd(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret)[0]
+    low = None if low_fn is None else low_fn(sums, aux)
+    return _merged_forward(q, k, v, layout, key_mask, low, eps, sm_scale, backend, interpret)[0]
 
 
 def _merged_attention_fwd(q, k, v, layout, key_mask, sums, aux, low_fn, eps, sm_scale, backend, interpret):
     low, low_vjp = (None, None) if low_fn is None else jax.vjp(lambda x: low_fn(x, aux), sums)
-    kw = dict(sm_scale=sm_scale, interpret=interpret)
-    if backend == "gpu":
-        out, lse = gpu.attention_forward(q, k, v, layout, key_mask, **kw, merge_eps=eps, low=low)
-    else:
-        o, lse = _KERNELS[backend].attention_forward(q, k, v, layout, key_mask, **kw)
-        out = _merge_tokens(o, lse, low, key_mask, eps).astype(q.dtype)
+    out, lse = _merged_forward(q, k, v, layout, key_mask, low, eps, sm_scale, backend, interpret)
     return out, (q, k, v, layout, key_mask, out, lse, low, low_vjp)
 
 
@@ -193,8 +207,6 @@ def _merged_attention_bwd(low_fn, eps, sm_scale, backend, interpret, res, g):
     ``p = e^(logit - lse)``, so ``ar`` moves into the exponent (``lse - log(ar)``, ``+inf`` where ``ar = 0``) and
     ``delta / ar`` replaces ``delta``; no scaled copy of ``g`` is written."""
     q, k, v, layout, key_mask, out, lse, low, low_vjp = res
-    b, s, h, d = q.shape
-    n = s // BLOCK
     if key_mask is not None:  # out is 0 at padded queries, whatever the inputs
         g = jnp.where(key_mask[:, :, None, None] != 0, g, jnp.zeros((), g.dtype))
     rowdot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, S, H]
@@ -202,14 +214,13 @@ def _merged_attention_bwd(low_fn, eps, sm_scale, backend, interpret, res, g):
         lse_shift, delta, dsums = lse + math.log1p(eps), rowdot * (1.0 + eps), None
     else:
         u, z, rm = low
-        gb = g.astype(jnp.float32).reshape(b, n, BLOCK, h, d)
-        rd = rowdot.reshape(b, n, BLOCK, h)
-        ar, cr = merge_weights(lse.reshape(b, n, BLOCK, h), z[:, :, None], rm[:, :, None], eps)
+        gb, rd = _token_blocks(g.astype(jnp.float32)), _token_blocks(rowdot)
+        ar, cr = merge_weights(_token_blocks(lse), *_per_token((z, rm)), eps)
         gu = jnp.einsum("bnthd,bnhd->bnth", gb, u, precision=lax.Precision.HIGHEST)
         dlow = (jnp.sum(cr[..., None] * gb, axis=2), -jnp.sum(cr * rd, axis=2),
                 jnp.sum(cr * (gu - z[:, :, None] * rd), axis=2))
         (dsums,) = low_vjp(tuple(c.astype(x.dtype) for c, x in zip(dlow, low, strict=True)))
-        ar = ar.reshape(b, s, h)
+        ar = ar.reshape(lse.shape)
         lse_shift, delta = jnp.where(ar > 0, lse - jnp.log(jnp.where(ar > 0, ar, 1.0)), jnp.inf), rowdot
     grads = _grads(q, k, v, layout, key_mask, lse_shift, g, delta, dsums, sm_scale, backend, interpret)
     return (*grads, None, None, None, None)  # the sums' cotangents are in dq, dk, dv (None: symbolic zeros, no work)

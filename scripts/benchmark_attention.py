@@ -92,7 +92,7 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
     def output(sums, bits):
         return low_resolution_output(sums, (count, bits), scale=scale)
 
-    def attend(q, k, v, layout, low):  # the low-resolution part precomputed, passed through low_aux
+    def attend(q, k, v, layout, sums, low):  # the low-resolution part precomputed, passed through low_aux
         return merged_attention(q, k, v, layout, sm_scale=1 / scale, eps=EPS, low_fn=lambda _, low: low,
                                 block_sums=sums, low_aux=low, backend=kernels)
 
@@ -105,7 +105,7 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
         "selection_lax_top_k": (jax.jit(lambda s: jax.lax.top_k(s.reshape(*s.shape[:-2], -1), num_blocks)[1]),
                                 (scores,)),
         "low_resolution_output": (jax.jit(output), (sums, bits)),
-        "kernel_merged": (jax.jit(attend), (q, k, v, layout, low)),
+        "kernel_merged": (jax.jit(attend), (q, k, v, layout, sums, low)),
     }
 
 
