@@ -45,6 +45,41 @@ def test_kernels_equal_the_reference(seq, mode, dtype, dim):
         assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < tol * 2
 
 
+@pytest.mark.parametrize(("batch", "seq", "heads", "dim", "lengths"),
+                         [(1, 2048, 1, 64, None), (2, 200, 2, 40, (163, 71))])
+def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, lengths):
+    """The GPU low-resolution kernels (several tiles of query and key blocks; padded blocks, a partial tile, a head_dim
+    padded to 64) against the autodiffed jnp `low_resolution_output`: values and the gradients of the block sums of
+    every block with a token (fully padded blocks' block sums reach no token; on them the row max's gradient, split
+    between tied products by jnp.max, goes to the first argmax in the kernels)."""
+    from mra_jax.attention.combination import low_resolution_output
+    from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
+    from mra_jax.attention.selection import select_blocks
+
+    keys = jax.random.split(jax.random.key(seq), 7)
+    seq_pad = -(-seq // 32) * 32
+    q, k, v = (jax.random.normal(kk, (batch, seq_pad, heads, dim)) for kk in keys[:3])
+    mask = None if lengths is None else (jnp.arange(seq_pad)[None] < jnp.asarray(lengths)[:, None]).astype(
+        jnp.float32)
+    n = seq_pad // 32
+    count = token_counts(mask, batch, n)
+    sums = tuple(block_sums(x, mask) for x in (q, k, v))
+    _, bits = select_blocks(low_resolution(*sums[:2], None, count, dim ** 0.5).scores, 3 * n)
+    runs = []
+    for kernel in (False, True):
+        low, vjp = jax.vjp(lambda s, kernel=kernel: low_resolution_output(
+            s, (count, bits), scale=dim ** 0.5, gpu_kernel=kernel, interpret=True), sums)
+        cotangents = tuple(jax.random.normal(kk, x.shape) for kk, x in zip(keys[4:], low, strict=True))
+        runs.append((low, vjp(cotangents)[0]))
+    (ref, ref_grads), (out, grads) = runs
+    for a, b in zip(out, ref, strict=True):
+        assert a.shape == b.shape and rel_err(a, b) < 2e-6
+    has_token = (count[:, 0] > 0)[:, :, None, None]
+    assert not bool(jnp.all(has_token)) or lengths is None
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert rel_err(jnp.where(has_token, a, 0.0), jnp.where(has_token, b, 0.0)) < 2e-6
+
+
 @pytest.mark.parametrize("implementation", ["reference", "pallas"])
 def test_shard_map_over_batch_and_heads_equals_unsharded(implementation):
     assert len(jax.devices()) == 8

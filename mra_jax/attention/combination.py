@@ -7,12 +7,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mra_jax.attention.low_resolution import PAD_PENALTY, low_resolution
+from mra_jax.attention.low_resolution import EPS, PAD_PENALTY, low_resolution
 from mra_jax.attention.selection import selected_pair_mask
+from pallas_kernels import low_resolution as kernels
 
 
 def low_resolution_output(sums: tuple[jax.Array, jax.Array, jax.Array], aux: tuple[jax.Array, jax.Array], *,
-                          scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          scale: float, gpu_kernel: bool = False,
+                          interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 from the query/key/value `block_sums`
     ``[B, n, H, d]`` and ``aux = (token_count [B, 1, n], packed selection bits [B, H, ceil(n*n/32)])``.
 
@@ -20,8 +22,13 @@ def low_resolution_output(sums: tuple[jax.Array, jax.Array, jax.Array], aux: tup
     the weights ``e^(L - rm - 1e4·selected) · count_j`` give ``u = Σ_j w_ij v̂_j`` and ``z = Σ_j w_ij``: HF's low-
     resolution output and normaliser in units of ``e^rm`` (pairs inside the selection fall to ``e^-1e4 = 0``).
     One pass over the n x n weights: their row sums come out of the same matmul, as a column of ones.
+    ``gpu_kernel``: the same formula as Pallas GPU kernels that never write an n x n array
+    (:mod:`pallas_kernels.low_resolution`; ``interpret`` runs them on CPU).
     """
     count, bits = aux
+    if gpu_kernel:
+        return kernels.low_resolution_output(sums, count[:, 0], bits, scale=scale, eps=EPS, penalty=PAD_PENALTY,
+                                             interpret=interpret)
     low = low_resolution(*sums, count, scale)
     n = count.shape[-1]
     weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected_pair_mask(bits, n)) * count[..., None, :]

@@ -117,8 +117,10 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     # "full" mode: the low-resolution output is merged in the attention's forward kernel (GPU), and the gradient
     # that reaches the block sums through it is added in the backward kernels.
-    low = dict(low_fn=functools.partial(low_resolution_output, scale=scale), block_sums=sums,
-               low_aux=(count, bits)) if full else {}
+    # The GPU kernels compute the low-resolution part without writing n x n arrays.
+    low_fn = functools.partial(low_resolution_output, scale=scale, gpu_kernel=implementation == "pallas_gpu",
+                               interpret=interpret)
+    low = dict(low_fn=low_fn, block_sums=sums, low_aux=(count, bits)) if full else {}
     out = merged_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, eps=EPS,
                            backend=implementation.removeprefix("pallas_"), interpret=interpret, **low)
     return out[:, :seq]

@@ -1,0 +1,270 @@
+"""MRA's low-resolution part as Pallas GPU (Triton) kernels that never write an ``n x n`` array.
+
+Per (batch, head), with block means ``q̂_i = q_sum_i / (c_i + eps)`` (likewise ``k̂``, ``v̂``; ``c`` = unpadded tokens
+per block), products ``p_ij = q̂_i · k̂_j``, their row max ``pmax_i`` and ``rm_i = pmax_i / scale``, block logits
+``L_ij = p_ij / scale - penalty·[c_i c_j < 0.5]`` and weights ``w_ij = e^(L_ij - rm_i - penalty·sel_ij) · c_j``
+(``sel`` = the packed selection bits, row-major over the ``n * n`` pairs):
+
+    u_i = Σ_j w_ij v̂_j,    z_i = Σ_j w_ij,    rm_i
+
+(:func:`mra_jax.attention.combination.low_resolution_output` is the jnp form of the same formula).  The forward
+kernel, a program per (tile of query blocks, b·h), makes two passes over the key blocks, recomputing ``p`` from the
+means: the row max (and its first argmax, for the backward), then ``u`` and ``z``.  The backward has a dQ kernel
+over query tiles and a dK/dV kernel over key tiles (no atomics), both recomputing ``w``; with
+``t_i = drm_i - du_i·u_i - dz_i·z_i`` (the cotangent of ``rm`` through the weights folded in):
+
+    dv̂_j = Σ_i w_ij du_i,    dp_ij = (w_ij (du_i·v̂_j + dz_i) + t_i·[j = argmax_i]) / scale,
+    dq̂_i = Σ_j dp_ij k̂_j,    dk̂_j = Σ_i dp_ij q̂_i
+
+The row max's gradient goes to its first argmax, as PyTorch's ``max(dim)`` (HF) gives it to one index (``jnp.max``
+splits it between ties; the two differ only on exactly tied products).  Matmuls in full float32
+(:func:`~pallas_kernels.numerics.matmul_precision`).  The kernel bodies use only ref indexing and ``jnp``/``lax``, so
+they run with ``interpret=True`` on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .gpu import _dot, _pad_last, _padded_dim
+from .numerics import matmul_precision
+
+__all__ = ["low_resolution_output"]
+
+_LAUNCH = {True: (32, 8), False: (16, 8)}
+"""(padded head_dim <= 64) -> (blocks per tile, num_warps): the full-float32 dots keep their operands in registers, so
+the largest tiles that compile without register spills for an H100 (../shared/tools/h100-compile; 16 is Triton's
+smallest dot).  Fewer blocks per tile, down to 16, when ``n`` is smaller.  Speed on hardware not measured."""
+
+_PRECISION = matmul_precision(jnp.float32)
+
+
+class _Problem:
+    """Static sizes and the block specs over ``[B, n_pad, H, ...]`` arrays for grids ``(tile, b·h)``."""
+
+    def __init__(self, b: int, n: int, h: int, d: int):
+        self.b, self.n, self.h, self.d = b, n, h, d
+        self.dp = _padded_dim(d)
+        tile, self.warps = _LAUNCH[self.dp <= 64]
+        self.tile = min(tile, max(16, 1 << (n - 1).bit_length()))
+        self.n_pad = -(-n // self.tile) * self.tile
+        self.tiles = self.n_pad // self.tile
+
+    def rows(self, last: int | None = None):  # the program's tile of a [B, n_pad, H(, last)] array
+        if last is None:
+            return pl.BlockSpec((None, self.tile, None), lambda i, r: (r // self.h, i, r % self.h))
+        return pl.BlockSpec((None, self.tile, None, last), lambda i, r: (r // self.h, i, r % self.h, 0))
+
+    def whole(self, last: int | None = None):  # all blocks of the program's (b, h)
+        if last is None:
+            return pl.BlockSpec((None, self.n_pad, None), lambda i, r: (r // self.h, 0, r % self.h))
+        return pl.BlockSpec((None, self.n_pad, None, last), lambda i, r: (r // self.h, 0, r % self.h, 0))
+
+    def counts(self, whole: bool):  # [B, n_pad] unpadded tokens per block
+        if whole:
+            return pl.BlockSpec((None, self.n_pad), lambda i, r: (r // self.h, 0))
+        return pl.BlockSpec((None, self.tile), lambda i, r: (r // self.h, i))
+
+    def bits(self, words: int):  # [B, H, words] packed selection of the program's (b, h)
+        return pl.BlockSpec((None, None, words), lambda i, r: (r // self.h, r % self.h, 0))
+
+    def pad_blocks(self, x: jax.Array) -> jax.Array:  # [B, n, H, ...] -> [B, n_pad, H, ...] (d padded too)
+        x = _pad_last(x, self.dp) if x.ndim == 4 else x
+        if self.n_pad == self.n:
+            return x
+        return jnp.pad(x, [(0, 0), (0, self.n_pad - self.n)] + [(0, 0)] * (x.ndim - 2))
+
+    def call(self, kernel, name: str, out_shape, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
+            return pl.pallas_call(kernel, out_shape=out_shape, grid=(self.tiles, self.b * self.h),
+                                  compiler_params=pltriton.CompilerParams(num_warps=self.warps, num_stages=2),
+                                  name=f"mra_low_resolution_{name}", **kwargs)
+
+
+def _tile_ids(i, tile: int):
+    return i * tile + jnp.arange(tile, dtype=jnp.int32)
+
+
+def _means(sum_ref, count_ref, i, tile: int, eps: float):
+    """The block means and counts of tile ``i`` of a whole-(b, h) sum ref ``[n_pad, dp]`` and counts ``[n_pad]``."""
+    rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
+    c = count_ref[rows]
+    return sum_ref[rows] / (c + eps)[:, None], c
+
+
+def _weights(p, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: float, penalty: float):
+    """``w [tile, tile]`` of query blocks ``rows`` and key blocks ``cols`` from their products ``p``; 0 at key blocks
+    past ``n``."""
+    logits = p * inv_scale - penalty * ((c_row[:, None] * c_col[None, :]) < 0.5).astype(jnp.float32)
+    valid = (rows[:, None] < n) & (cols[None, :] < n)
+    flat = jnp.where(valid, rows[:, None] * n + cols[None, :], 0)
+    sel = (bits_ref[flat >> 5] >> (flat & 31)) & 1
+    return jnp.exp(logits - rm[:, None] - penalty * sel.astype(jnp.float32)) * c_col[None, :]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref, rm_ref, arg_ref, *, n, tile, tiles,
+                    eps, inv_scale, penalty):
+    i = pl.program_id(0)
+    c_row = crow_ref[...]
+    q = q_ref[...] / (c_row + eps)[:, None]
+    rows = _tile_ids(i, tile)
+
+    def row_max(j, carry):
+        m, arg = carry
+        k, _ = _means(k_ref, c_ref, j, tile, eps)
+        cols = _tile_ids(j, tile)
+        p = jnp.where(cols[None, :] < n, _dot(q, k, (1, 1), _PRECISION), -jnp.inf)
+        tile_max = jnp.max(p, axis=1)
+        first = jnp.min(jnp.where(p == tile_max[:, None], cols[None, :], jnp.int32(n)), axis=1)
+        better = tile_max > m  # strictly: ties keep the earlier argmax
+        return jnp.where(better, tile_max, m), jnp.where(better, first, arg)
+
+    m, arg = lax.fori_loop(0, tiles, row_max, (jnp.full((tile,), -jnp.inf, jnp.float32), jnp.zeros((tile,), jnp.int32)))
+    rm = m * inv_scale
+
+    def accumulate(j, carry):
+        u, z = carry
+        k, c = _means(k_ref, c_ref, j, tile, eps)
+        v, _ = _means(v_ref, c_ref, j, tile, eps)
+        w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, _tile_ids(j, tile), c_row, c, rm, bits_ref, n=n,
+                     inv_scale=inv_scale, penalty=penalty)
+        return u + _dot(w, v, (1, 0), _PRECISION), z + jnp.sum(w, axis=1)
+
+    u, z = lax.fori_loop(0, tiles, accumulate, (jnp.zeros(q.shape, jnp.float32), jnp.zeros((tile,), jnp.float32)))
+    u_ref[...] = u
+    z_ref[...] = z
+    rm_ref[...] = rm
+    arg_ref[...] = arg
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, rm_ref, arg_ref, t_ref, du_ref, dz_ref, dq_ref, *, n,
+               tile, tiles, eps, inv_scale, penalty):
+    i = pl.program_id(0)
+    c_row = crow_ref[...]
+    den = (c_row + eps)[:, None]
+    q = q_ref[...] / den
+    rows = _tile_ids(i, tile)
+    rm, arg, t, du, dz = rm_ref[...], arg_ref[...], t_ref[...], du_ref[...], dz_ref[...]
+
+    def step(j, dq):
+        k, c = _means(k_ref, c_ref, j, tile, eps)
+        v, _ = _means(v_ref, c_ref, j, tile, eps)
+        cols = _tile_ids(j, tile)
+        w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, cols, c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale,
+                     penalty=penalty)
+        dp = w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(
+            cols[None, :] == arg[:, None], t[:, None], 0.0)
+        return dq + _dot(dp, k, (1, 0), _PRECISION)
+
+    dq = lax.fori_loop(0, tiles, step, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq * inv_scale / den
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, rm_ref, arg_ref, t_ref, du_ref, dz_ref, dk_ref,
+                dv_ref, *, n, tile, tiles, eps, inv_scale, penalty):
+    j = pl.program_id(0)
+    c_col = ccol_ref[...]
+    den = (c_col + eps)[:, None]
+    k, v = k_ref[...] / den, v_ref[...] / den
+    cols = _tile_ids(j, tile)
+
+    def step(i, carry):
+        dk, dv = carry
+        q, c = _means(q_ref, c_ref, i, tile, eps)
+        rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
+        rm, arg, t, du, dz = rm_ref[rows], arg_ref[rows], t_ref[rows], du_ref[rows], dz_ref[rows]
+        w = _weights(_dot(q, k, (1, 1), _PRECISION), _tile_ids(i, tile), cols, c, c_col, rm, bits_ref, n=n,
+                     inv_scale=inv_scale, penalty=penalty)
+        dp = w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(
+            cols[None, :] == arg[:, None], t[:, None], 0.0)
+        return dk + _dot(dp, q, (0, 0), _PRECISION), dv + _dot(w, du, (0, 0), _PRECISION)
+
+    dk, dv = lax.fori_loop(0, tiles, step, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+    dk_ref[...] = dk * inv_scale / den
+    dv_ref[...] = dv / den
+
+
+def low_resolution_output(sums, count, bits, *, scale: float, eps: float, penalty: float, interpret=False):
+    """``(u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 (module docstring) from the block sums
+    ``sums = (q_sum, k_sum, v_sum)`` ``[B, n, H, d]`` float32, ``count`` ``[B, n]`` unpadded tokens per block and the
+    packed selection ``bits`` ``[B, H, ceil(n·n / 32)]`` uint32 (no gradient for these two); differentiable in
+    ``sums``.  ``scale``: the logits' divisor; ``eps``: the means' and ``penalty``: the masked pairs' constants."""
+    b, n, h, d = sums[0].shape
+    if any(x.shape != (b, n, h, d) for x in sums) or count.shape != (b, n) or bits.shape != (b, h, -(-n * n // 32)):
+        raise ValueError(f"expected sums [B, n, H, d], count [B, n] and bits [B, H, ceil(n*n/32)], got "
+                         f"{[x.shape for x in sums]}, {count.shape}, {bits.shape}")
+    return _low_resolution(tuple(x.astype(jnp.float32) for x in sums), lax.stop_gradient(count.astype(jnp.float32)),
+                           lax.stop_gradient(bits), float(scale), float(eps), float(penalty), interpret)
+
+
+def _setup(sums, count, bits, scale, eps, penalty):
+    b, n, h, d = sums[0].shape
+    prob = _Problem(b, n, h, d)
+    kw = dict(n=n, tile=prob.tile, tiles=prob.tiles, eps=eps, inv_scale=1.0 / scale, penalty=penalty)
+    counts = prob.pad_blocks(count)
+    padded = [prob.pad_blocks(x) for x in sums]
+    return prob, kw, padded, counts, lax.bitcast_convert_type(bits, jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _low_resolution(sums, count, bits, scale, eps, penalty, interpret):
+    return _forward(sums, count, bits, scale, eps, penalty, interpret)[0]
+
+
+def _forward(sums, count, bits, scale, eps, penalty, interpret):
+    prob, kw, (q, k, v), counts, words = _setup(sums, count, bits, scale, eps, penalty)
+    b, n_pad, h, dp = q.shape
+    stat = jax.ShapeDtypeStruct((b, n_pad, h), jnp.float32)
+    u, z, rm, arg = prob.call(
+        functools.partial(_forward_kernel, **kw), "forward",
+        out_shape=(jax.ShapeDtypeStruct(q.shape, jnp.float32), stat, stat,
+                   jax.ShapeDtypeStruct((b, n_pad, h), jnp.int32)),
+        in_specs=[prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.counts(whole=False), prob.counts(whole=True),
+                  prob.bits(words.shape[-1])],
+        out_specs=(prob.rows(dp), prob.rows(), prob.rows(), prob.rows()),
+        interpret=interpret,
+    )(q, k, v, counts, counts, words)
+    n, d = prob.n, prob.d
+    return (u[:, :n, :, :d], z[:, :n], rm[:, :n]), arg
+
+
+def _low_resolution_fwd(sums, count, bits, scale, eps, penalty, interpret):
+    low, arg = _forward(sums, count, bits, scale, eps, penalty, interpret)
+    return low, (sums, count, bits, low, arg)
+
+
+def _low_resolution_bwd(scale, eps, penalty, interpret, res, cts):
+    sums, count, bits, (u, z, rm), arg = res
+    du, dz, drm = (x.astype(jnp.float32) for x in cts)
+    t = drm - jnp.einsum("bnhd,bnhd->bnh", du, u, precision=_PRECISION) - dz * z  # rm's cotangent, weights included
+    prob, kw, (q, k, v), counts, words = _setup(sums, count, bits, scale, eps, penalty)
+    rm, arg, t, du, dz = (prob.pad_blocks(x) for x in (rm, arg, t, du, dz))
+    dp = q.shape[-1]
+    block = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    args = (q, k, v, counts, counts, words, rm, arg, t, du, dz)
+    stats = [prob.whole(), prob.whole(), prob.whole(), prob.whole(dp), prob.whole()]
+    dq = prob.call(
+        functools.partial(_dq_kernel, **kw), "dq", out_shape=block,
+        in_specs=[prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.counts(whole=False), prob.counts(whole=True),
+                  prob.bits(words.shape[-1]), prob.rows(), prob.rows(), prob.rows(), prob.rows(dp), prob.rows()],
+        out_specs=prob.rows(dp), interpret=interpret,
+    )(*args)
+    dk, dv = prob.call(
+        functools.partial(_dkv_kernel, **kw), "dkv", out_shape=(block, block),
+        in_specs=[prob.whole(dp), prob.rows(dp), prob.rows(dp), prob.counts(whole=True), prob.counts(whole=False),
+                  prob.bits(words.shape[-1]), *stats],
+        out_specs=(prob.rows(dp), prob.rows(dp)), interpret=interpret,
+    )(*args)
+    n, d = prob.n, prob.d
+    return tuple(x[:, :n, :, :d] for x in (dq, dk, dv)), None, None
+
+
+_low_resolution.defvjp(_low_resolution_fwd, _low_resolution_bwd)
