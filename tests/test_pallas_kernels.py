@@ -137,10 +137,10 @@ CASES = [
     pytest.param("gpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), None, id="gpu-bf16-d48-n7-random"),
     # every pair selected: lists of n = 7 blocks, i.e. whole chunks of listed blocks (2 here) plus a remainder
     pytest.param("gpu", jnp.bfloat16, 128, 224, "all", "padded", (2, 1), None, id="gpu-bf16-d128-n7-all-padded"),
-    pytest.param("tpu", jnp.float32, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-f32-d64-skewed-padded"),
-    pytest.param("tpu", jnp.float32, 48, 224, "random", "padded", (2, 2), None, id="tpu-f32-d48-S224-random-padded"),
+    pytest.param("tpu", jnp.float32, 64, 128, "skewed", "padded", (3, 1), None, id="tpu-f32-d64-skewed-padded"),
+    pytest.param("tpu", jnp.float32, 48, 224, "random", "padded", (2, 1), None, id="tpu-f32-d48-S224-random-padded"),
     pytest.param("tpu", jnp.float32, 128, 256, "random", "none", (1, 2), "races", id="tpu-f32-d128-S256-races"),
-    pytest.param("tpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 2), None, id="tpu-bf16-d64-skewed-padded"),
+    pytest.param("tpu", jnp.bfloat16, 64, 128, "skewed", "padded", (3, 1), None, id="tpu-bf16-d64-skewed-padded"),
     pytest.param("tpu", jnp.bfloat16, 48, 224, "random", "none", (2, 1), True, id="tpu-bf16-d48-interpret-true"),
 ]
 
@@ -281,7 +281,7 @@ def test_merged_attention_matches_merging_around_the_reference(backend, mask_kin
     """MRA's merged output from the kernels (merged in the GPU forward kernel's epilogue, the low-resolution part's
     block-sum gradients added in the backward kernels) equals the reference attention merged by autodiffed jnp:
     values and the gradients of q, k, v, including those through the block sums and ``lse``."""
-    b, h, s, d = 3, 2, 128, 32
+    b, h, s, d = 3, 1 if backend == "tpu" else 2, 128, 32  # the TPU interpreter is slow: one head
     q, k, v, layout, key_mask, w1, _ = problem(9, b=b, h=h, s=s, d=d, dtype=jnp.float32, sel="skewed",
                                                mask_kind=mask_kind)
     n = s // BLOCK
@@ -307,18 +307,15 @@ def test_merged_attention_matches_merging_around_the_reference(backend, mask_kin
             block_sums = tuple(sums(x) for x in (q, k, v)) if low else None
             out = merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, block_sums=block_sums,
                                    **low, **fn.keywords)
-            return jnp.sum(out * w1)
+            return jnp.sum(out * w1), out
 
-        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2)))(q, k, v)
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
-    (val, grads), (val_ref, grads_ref) = loss(kernels(backend)), loss(reference)
+    ((val, out), grads), ((val_ref, _), grads_ref) = loss(kernels(backend)), loss(reference)
     assert float(val) == pytest.approx(float(val_ref), rel=1e-6)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert _rel(g, g_ref) < 2e-5
     if key_mask is not None:  # padded queries get exactly 0
-        out = merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, **low,
-                               block_sums=tuple(sums(x) for x in (q, k, v)) if low else None,
-                               **kernels(backend).keywords)
         assert bool(jnp.all(jnp.where(key_mask[:, :, None, None] == 0, out, 0.0) == 0.0))
     with pytest.raises(ValueError, match="block_sums must be three"):
         merged_attention(q, k, v, layout, key_mask, sm_scale=SM_SCALE, eps=1e-6, low_fn=low_fn,

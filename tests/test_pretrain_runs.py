@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -24,9 +26,26 @@ ARGS = ["configs/pretrain/tiny.yaml", "progress_bar=false", "tensorboard=false",
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+def _shared_dir(tmp_path_factory, worker_id: str) -> pathlib.Path:
+    """A directory of this test session that every pytest-xdist worker sees (the workers' common temp root)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if worker_id != "master" else root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory, worker_id):
+    """One JAX compilation cache for this module's runs: the killed and the resumed run reuse the reference run's
+    programs (a run is mostly compiling; the cache changes no program)."""
+    global _CACHE
+    _CACHE = str(_shared_dir(tmp_path_factory, worker_id) / "pretrain_runs_jax_cache")
+
+
+_CACHE = ""
+
+
 def _env(devices: int) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": _CACHE}
 
 
 def _command(out: pathlib.Path, *extra: str) -> list[str]:
@@ -49,11 +68,17 @@ def _losses(out: pathlib.Path, partial_last_line: bool = False) -> dict[int, flo
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("reference")
-    done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"checkpoint: {out / 'checkpoints' / str(STEPS)}" in done.stdout
+def reference(tmp_path_factory, worker_id) -> pathlib.Path:
+    """The uninterrupted one-process run, made once per session however the tests are spread over workers."""
+    shared = _shared_dir(tmp_path_factory, worker_id)
+    out = shared / "pretrain_reference"
+    with FileLock(str(shared / "pretrain_reference.lock")):
+        if not (out / "complete").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert f"checkpoint: {out / 'checkpoints' / str(STEPS)}" in done.stdout
+            (out / "complete").touch()
     return out
 
 
