@@ -16,6 +16,9 @@ over query tiles and a dK/dV kernel over key tiles (no atomics), both recomputin
     dv̂_j = Σ_i w_ij du_i,    dp_ij = (w_ij (du_i·v̂_j + dz_i) + t_i·[j = argmax_i]) / scale,
     dq̂_i = Σ_j dp_ij k̂_j,    dk̂_j = Σ_i dp_ij q̂_i
 
+:func:`low_resolution_scores` writes the block selection's scores ``(p_ij - pmax_i) / scale - penalty·[c_i c_j <
+0.5]`` the same way (the row max, then the scores), from the block sums in the callers' layout.
+
 The row max's gradient goes to its first argmax, as PyTorch's ``max(dim)`` (HF) gives it to one index (``jnp.max``
 splits it between ties; the two differ only on exactly tied products).  Matmuls in full float32
 (:func:`~pallas_kernels.numerics.matmul_precision`).  The kernel bodies use only ref indexing and ``jnp``/``lax``, so
@@ -36,7 +39,7 @@ from jax.experimental.pallas import triton as pltriton
 from .gpu import _dot, _pad_last, _padded_dim
 from .numerics import matmul_precision
 
-__all__ = ["low_resolution_output"]
+__all__ = ["low_resolution_output", "low_resolution_scores"]
 
 _LAUNCH = {True: (32, 8), False: (16, 8)}
 """(padded head_dim <= 64) -> (blocks per tile, num_warps): the full-float32 dots keep their operands in registers, so
@@ -103,21 +106,17 @@ def _means(sum_ref, count_ref, i, tile: int, eps: float):
 def _weights(p, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: float, penalty: float):
     """``w [tile, tile]`` of query blocks ``rows`` and key blocks ``cols`` from their products ``p``; 0 at key blocks
     past ``n``."""
-    logits = p * inv_scale - penalty * ((c_row[:, None] * c_col[None, :]) < 0.5).astype(jnp.float32)
+    logits = p * inv_scale - _penalty(c_row, c_col, penalty)
     valid = (rows[:, None] < n) & (cols[None, :] < n)
     flat = jnp.where(valid, rows[:, None] * n + cols[None, :], 0)
     sel = (bits_ref[flat >> 5] >> (flat & 31)) & 1
     return jnp.exp(logits - rm[:, None] - penalty * sel.astype(jnp.float32)) * c_col[None, :]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref, rm_ref, arg_ref, *, n, tile, tiles,
-                    eps, inv_scale, penalty):
-    i = pl.program_id(0)
-    c_row = crow_ref[...]
-    q = q_ref[...] / (c_row + eps)[:, None]
-    rows = _tile_ids(i, tile)
-
-    def row_max(j, carry):
+def _row_max(q, k_ref, c_ref, *, n: int, tile: int, tiles: int, eps: float):
+    """The row max of the products of query means ``q [tile, dp]`` with every key mean (key blocks ``< n``) and its
+    first argmax: one pass over the key tiles."""
+    def step(j, carry):
         m, arg = carry
         k, _ = _means(k_ref, c_ref, j, tile, eps)
         cols = _tile_ids(j, tile)
@@ -127,7 +126,37 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref
         better = tile_max > m  # strictly: ties keep the earlier argmax
         return jnp.where(better, tile_max, m), jnp.where(better, first, arg)
 
-    m, arg = lax.fori_loop(0, tiles, row_max, (jnp.full((tile,), -jnp.inf, jnp.float32), jnp.zeros((tile,), jnp.int32)))
+    init = (jnp.full((tile,), -jnp.inf, jnp.float32), jnp.zeros((tile,), jnp.int32))
+    return lax.fori_loop(0, tiles, step, init)
+
+
+def _penalty(c_row, c_col, penalty: float):
+    """HF's additive penalty of the pairs with a fully padded block, ``[tile, tile]``."""
+    return penalty * ((c_row[:, None] * c_col[None, :]) < 0.5).astype(jnp.float32)
+
+
+def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, eps, scale, penalty):
+    c_row = crow_ref[...]
+    q = q_ref[...] / (c_row + eps)[:, None]
+    pmax, _ = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
+
+    def step(j, carry):
+        k, c = _means(k_ref, c_ref, j, tile, eps)
+        p = _dot(q, k, (1, 1), _PRECISION)
+        out_ref[:, pl.ds(pl.multiple_of(j * tile, tile), tile)] = (p - pmax[:, None]) / scale - _penalty(
+            c_row, c, penalty)
+        return carry
+
+    lax.fori_loop(0, tiles, step, 0)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref, rm_ref, arg_ref, *, n, tile, tiles,
+                    eps, inv_scale, penalty):
+    i = pl.program_id(0)
+    c_row = crow_ref[...]
+    q = q_ref[...] / (c_row + eps)[:, None]
+    rows = _tile_ids(i, tile)
+    m, arg = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
     rm = m * inv_scale
 
     def accumulate(j, carry):
@@ -203,6 +232,25 @@ def low_resolution_output(sums, count, bits, *, scale: float, eps: float, penalt
                          f"{[x.shape for x in sums]}, {count.shape}, {bits.shape}")
     return _low_resolution(tuple(x.astype(jnp.float32) for x in sums), lax.stop_gradient(count.astype(jnp.float32)),
                            lax.stop_gradient(bits), float(scale), float(eps), float(penalty), interpret)
+
+
+def low_resolution_scores(q_sum, k_sum, count, *, scale: float, eps: float, penalty: float, interpret=False):
+    """MRA's block selection scores ``[B, H, n, n]`` float32, no gradient: ``(p_ij - pmax_i) / scale`` minus the
+    padding penalty (module docstring), each row's max exactly 0; one Pallas GPU kernel that reads the block sums
+    ``[B, n, H, d]`` and writes only the scores (no transposes, products or row max in memory)."""
+    b, n, h, d = q_sum.shape
+    prob = _Problem(b, n, h, d)
+    q, k = (prob.pad_blocks(lax.stop_gradient(x).astype(jnp.float32)) for x in (q_sum, k_sum))
+    counts = prob.pad_blocks(lax.stop_gradient(count).astype(jnp.float32))
+    kernel = functools.partial(_scores_kernel, n=n, tile=prob.tile, tiles=prob.tiles, eps=eps, scale=scale,
+                               penalty=penalty)
+    scores = prob.call(
+        kernel, "scores", out_shape=jax.ShapeDtypeStruct((b, h, prob.n_pad, prob.n_pad), jnp.float32),
+        in_specs=[prob.rows(prob.dp), prob.whole(prob.dp), prob.counts(whole=False), prob.counts(whole=True)],
+        out_specs=pl.BlockSpec((None, None, prob.tile, prob.n_pad), lambda i, r: (r // h, r % h, i, 0)),
+        interpret=interpret,
+    )(q, k, counts, counts)
+    return scores if prob.n_pad == n else scores[:, :, :n, :n]
 
 
 def _setup(sums, count, bits, scale, eps, penalty):

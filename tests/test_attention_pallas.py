@@ -49,11 +49,12 @@ def test_kernels_equal_the_reference(seq, mode, dtype, dim):
                          [(1, 2048, 1, 64, None), (2, 200, 2, 40, (163, 71))])
 def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, lengths):
     """The GPU low-resolution kernels (several tiles of query and key blocks; padded blocks, a partial tile, a head_dim
-    padded to 64) against the autodiffed jnp `low_resolution_output`: values and the gradients of the block sums of
-    every block with a token (fully padded blocks' block sums reach no token; on them the row max's gradient, split
-    between tied products by jnp.max, goes to the first argmax in the kernels)."""
+    padded to 64) against the jnp formulas: the selection scores (exactly 0 at each row max), and the autodiffed
+    `low_resolution_output`: values and the gradients of the block sums of every block with a token (fully padded
+    blocks' block sums reach no token; on them the row max's gradient, split between tied products by jnp.max, goes
+    to the first argmax in the kernels)."""
     from mra_jax.attention.combination import low_resolution_output
-    from mra_jax.attention.low_resolution import block_sums, low_resolution, token_counts
+    from mra_jax.attention.low_resolution import block_sums, selection_scores, token_counts
     from mra_jax.attention.selection import select_blocks
 
     keys = jax.random.split(jax.random.key(seq), 7)
@@ -64,7 +65,11 @@ def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, le
     n = seq_pad // 32
     count = token_counts(mask, batch, n)
     sums = tuple(block_sums(x, mask) for x in (q, k, v))
-    _, bits = select_blocks(low_resolution(*sums[:2], None, count, dim ** 0.5).scores, 3 * n)
+    scores = selection_scores(*sums[:2], count, dim ** 0.5)
+    kernel_scores = selection_scores(*sums[:2], count, dim ** 0.5, gpu_kernel=True, interpret=True)
+    assert kernel_scores.shape == scores.shape and float(jnp.max(jnp.abs(kernel_scores - scores))) < 1e-5
+    assert bool(jnp.all(jnp.where(scores == 0.0, kernel_scores, 0.0) == 0.0))  # the row max's pairs: exactly 0
+    _, bits = select_blocks(scores, 3 * n)
     runs = []
     for kernel in (False, True):
         low, vjp = jax.vjp(lambda s, kernel=kernel: low_resolution_output(

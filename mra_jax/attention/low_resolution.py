@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mra_jax.configuration import BLOCK_SIZE
+from pallas_kernels import low_resolution as kernels
 
 PAD_PENALTY = 1e4
 """HF's additive penalty for padded pairs and padded keys (``1e4``, not ``inf``)."""
@@ -80,3 +81,13 @@ def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Arra
     # before scaling guarantees it, whereas XLA may round `products / scale` differently in different fusions.
     scores = (jax.lax.stop_gradient(products) - jax.lax.stop_gradient(products_max)) / scale - penalty
     return LowResolution(logits - penalty, row_max, count, value_hat, scores)
+
+
+def selection_scores(query_sum: jax.Array, key_sum: jax.Array, count: jax.Array, scale: float, *,
+                     gpu_kernel: bool = False, interpret: bool = False) -> jax.Array:
+    """`LowResolution.scores` ``[B, H, n, n]`` from the query/key `block_sums` and `token_counts`; ``gpu_kernel``: by
+    the Pallas GPU kernel that writes nothing but the scores (``interpret`` runs it on CPU)."""
+    if gpu_kernel:
+        return kernels.low_resolution_scores(query_sum, key_sum, count[:, 0], scale=scale, eps=EPS,
+                                             penalty=PAD_PENALTY, interpret=interpret)
+    return low_resolution(query_sum, key_sum, None, count, scale).scores

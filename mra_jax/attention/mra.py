@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mra_jax.attention.combination import low_resolution_output
-from mra_jax.attention.low_resolution import EPS, block_sums, low_resolution, token_counts
+from mra_jax.attention.low_resolution import EPS, block_sums, selection_scores, token_counts
 from mra_jax.attention.selection import select_blocks
 from mra_jax.configuration import BLOCK_SIZE
 from pallas_kernels import build_block_layout, merged_attention
@@ -111,15 +111,15 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     scale = math.sqrt(head_dim)
     count = token_counts(mask_f, batch, n)
     sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
-    scores = low_resolution(*sums[:2], None, count, scale).scores
-    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n, gpu_kernel=implementation == "pallas_gpu",
+    gpu = implementation == "pallas_gpu"
+    scores = selection_scores(*sums[:2], count, scale, gpu_kernel=gpu, interpret=interpret)
+    indices, bits = select_blocks(scores, num_blocks, first_n, diagonal_n, gpu_kernel=gpu,
                                   interpret=interpret)  # [B, H, K] ascending, packed set
     layout = build_block_layout(indices.reshape(batch * heads, num_blocks), n, ascending=True)
     # "full" mode: the low-resolution output is merged in the attention's forward kernel (GPU), and the gradient
     # that reaches the block sums through it is added in the backward kernels.
     # The GPU kernels compute the low-resolution part without writing n x n arrays.
-    low_fn = functools.partial(low_resolution_output, scale=scale, gpu_kernel=implementation == "pallas_gpu",
-                               interpret=interpret)
+    low_fn = functools.partial(low_resolution_output, scale=scale, gpu_kernel=gpu, interpret=interpret)
     low = dict(low_fn=low_fn, block_sums=sums, low_aux=(count, bits)) if full else {}
     out = merged_attention(query, key, value, layout, tokens, sm_scale=1.0 / scale, eps=EPS,
                            backend=implementation.removeprefix("pallas_"), interpret=interpret, **low)
