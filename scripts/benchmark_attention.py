@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mra_jax.attention import mra_attention
 from mra_jax.attention.combination import low_resolution_output
-from mra_jax.attention.low_resolution import EPS, block_sums, low_resolution, token_counts
+from mra_jax.attention.low_resolution import EPS, block_sums, selection_scores, token_counts
 from mra_jax.attention.selection import select_blocks
 from pallas_kernels import build_block_layout, merged_attention
 
@@ -81,16 +81,18 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
     kernels = {"gpu": "gpu", "tpu": "tpu"}.get(backend, "reference")
     count = token_counts(None, q.shape[0], n)
 
+    gpu = kernels == "gpu"  # the GPU kernels of every stage, as mra_attention uses them
+
     def select(scores):
-        indices, bits = select_blocks(scores, num_blocks, gpu_kernel=kernels == "gpu")
+        indices, bits = select_blocks(scores, num_blocks, gpu_kernel=gpu)
         return build_block_layout(indices.reshape(-1, num_blocks), n, ascending=True), bits
 
     def low_res(q, k, v):
         sums = tuple(block_sums(x, None) for x in (q, k, v))
-        return sums, low_resolution(*sums[:2], None, count, scale).scores
+        return sums, selection_scores(*sums[:2], count, scale, gpu_kernel=gpu)
 
     def output(sums, bits):
-        return low_resolution_output(sums, (count, bits), scale=scale)
+        return low_resolution_output(sums, (count, bits), scale=scale, gpu_kernel=gpu)
 
     def attend(q, k, v, layout, sums, low):  # the low-resolution part precomputed, passed through low_aux
         return merged_attention(q, k, v, layout, sm_scale=1 / scale, eps=EPS, low_fn=lambda _, low: low,
