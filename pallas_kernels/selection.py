@@ -19,7 +19,10 @@ Pallas kernel):
      If any row's bracket overflows the buffer (unlikely unless adversarial), the whole batch falls back to
      ``"radix"`` through a ``lax.cond`` (under ``vmap`` both branches run), so the result is exact for every input.
    * ``"radix_gpu"``: ``"radix"`` and step 3 in one Pallas Triton kernel, a program per row looping over its 8
-     passes (the row re-read from L2), then a 9th that writes the indices and bits (1 launch instead of ~35).
+     passes (the row re-read from L2), then a 9th that writes the indices and bits (1 launch instead of ~35).  Rows
+     of more than 2^16 entries are split into chunks of 2^16, a program per (row, chunk) in each of 10 launches (8
+     counting passes, one counting the keys above and at the threshold, one writing the selection); each program
+     rebuilds the radix state from the previous launch's per-chunk counts, so nothing runs between the kernels.
 
 3. Select ``key > T`` plus the ``r = k - count(key > T)`` lowest-index entries with ``key == T`` and compact the
    selection to ``k`` ascending indices without a length-N sort or scatter: masks are packed into 32-bit words, prefix
@@ -230,89 +233,204 @@ _GPU_TILE = 512
 """Keys per tile in the GPU radix kernel's counting loop (a [512, 16] comparison at a time)."""
 
 
+def _tile_keys(scores_ref, i, tile: int, n: int):
+    """Tile ``i`` of a row of float32 scores as int32 keys in signed order (the uint32 key with its top bit flipped);
+    entries past ``n`` are ``INT32_MIN``."""
+    bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
+    x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
+
+
+def _count_pass(scores_ref, t, shift: int, first, tiles, *, tile: int, n: int):
+    """``c[j] = #(key >= t + j·2^shift)``, j = 0 .. 15 (``t`` the uint32 pattern in int32), over ``tiles`` tiles from
+    ``first``."""
+    j = jnp.arange(1 << _RADIX_BITS, dtype=jnp.int32)
+    cand = (t + (j << shift)) ^ jnp.int32(_I32_MIN)  # the thresholds in signed order
+
+    def count(i, c):
+        return c + jnp.sum((_tile_keys(scores_ref, i, tile, n)[:, None] >= cand[None, :]).astype(jnp.int32), axis=0)
+
+    return lax.fori_loop(first, first + tiles, count, jnp.zeros(j.shape, jnp.int32))
+
+
+def _digit(c, k):
+    """The radix digit of the k-th largest key from `_count_pass`'s non-increasing counts (``c[0] >= k``)."""
+    return jnp.sum((c >= k).astype(jnp.int32)) - 1
+
+
+def _emit(scores_ref, idx_ref, words_ref, threshold, need, first, tiles, carry, *, tile: int, n: int):
+    """Writes the selection of tiles ``[first, first + tiles)``: keys above ``threshold`` (signed order) and the
+    ``need`` lowest-index keys equal to it, counting from ``carry = (selected, equal keys)`` before ``first``; the
+    indices go to their slots of ``idx_ref``, the packed bits of tile ``i`` to words ``(i - first)·tile/32`` on."""
+    lanes = jnp.arange(32, dtype=jnp.int32)
+    words = tile // 32
+
+    def step(i, carry):
+        n_sel, n_eq = carry
+        x = _tile_keys(scores_ref, i, tile, n)
+        eq = (x == threshold).astype(jnp.int32)
+        sel = ((x > threshold) | ((eq != 0) & (n_eq + jnp.cumsum(eq) - eq < need))).astype(jnp.int32)
+        slot = n_sel + jnp.cumsum(sel) - sel
+        pltriton.store(idx_ref.at[slot], i * tile + jnp.arange(tile, dtype=jnp.int32), mask=sel != 0)
+        words_ref[pl.ds(pl.multiple_of((i - first) * words, words), words)] = jnp.sum(
+            sel.reshape(words, 32) << lanes[None, :], axis=1)
+        return n_sel + jnp.sum(sel), n_eq + jnp.sum(eq)
+
+    return lax.fori_loop(first, first + tiles, step, carry)
+
+
 def _radix_kernel(scores_ref, idx_ref, words_ref, *, k: int, n: int, tiles: int, tile: int):
     """One row, the whole selection: the radix select of `_radix_select` (4 bits per step, 16 thresholds counted per
     pass including the current prefix), all 8 passes over the row inside one program, then a 9th pass that writes
     the selected indices (ascending) and packed bits as `topk_selection` returns them.
 
-    The float32 scores become int32 keys in signed order here (the uint32 key with its top bit flipped); entries past
-    ``n`` are ``INT32_MIN``, which only the prefix's own count ``c[0]`` can include (while ``t = 0``), and that count
-    is only compared with ``k``; in the last pass they come after every real tie.  ``t`` is built as the uint32
-    pattern."""
-    def keys(i):
-        bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
-        x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-        if n % tile:
-            x = jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
-        return x
-
-    j = jnp.arange(1 << _RADIX_BITS, dtype=jnp.int32)
+    Entries past ``n`` are ``INT32_MIN`` keys, which only the prefix's own count ``c[0]`` can include (while
+    ``t = 0``), and that count is only compared with ``k``; in the last pass they come after every real tie.  ``t``
+    is built as the uint32 pattern."""
     t = jnp.int32(0)
     above = jnp.int32(0)
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        cand = (t + (j << shift)) ^ jnp.int32(_I32_MIN)  # thresholds t + j·2^shift, j = 0 .. 15, in signed order
-
-        def count(i, c, cand=cand):
-            return c + jnp.sum((keys(i)[:, None] >= cand[None, :]).astype(jnp.int32), axis=0)
-
-        c = lax.fori_loop(0, tiles, count, jnp.zeros(j.shape, jnp.int32))  # non-increasing; c[0] >= k always
-        digit = jnp.sum((c >= k).astype(jnp.int32)) - 1
-        above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j == digit + 1, c, 0)), above)
+        c = _count_pass(scores_ref, t, shift, 0, tiles, tile=tile, n=n)
+        digit = _digit(c, k)
+        above = jnp.where(digit < c.shape[0] - 1, jnp.sum(jnp.where(jnp.arange(c.shape[0]) == digit + 1, c, 0)),
+                          above)
         t = t + (digit << shift)
-
     # Selection: key > T, plus the k - count(key > T) lowest-index entries with key == T.
-    threshold, need = t ^ jnp.int32(_I32_MIN), k - above
-    lanes = jnp.arange(32, dtype=jnp.int32)
-    words = tile // 32
+    _emit(scores_ref, idx_ref, words_ref, t ^ jnp.int32(_I32_MIN), k - above, 0, tiles, (jnp.int32(0), jnp.int32(0)),
+          tile=tile, n=n)
 
-    def emit(i, carry):
-        n_sel, n_eq = carry
-        x = keys(i)
-        eq = (x == threshold).astype(jnp.int32)
-        sel = ((x > threshold) | ((eq != 0) & (n_eq + jnp.cumsum(eq) - eq < need))).astype(jnp.int32)
-        slot = n_sel + jnp.cumsum(sel) - sel
-        pltriton.store(idx_ref.at[slot], i * tile + jnp.arange(tile, dtype=jnp.int32), mask=sel != 0)
-        words_ref[pl.ds(pl.multiple_of(i * words, words), words)] = jnp.sum(
-            sel.reshape(words, 32) << lanes[None, :], axis=1)
-        return n_sel + jnp.sum(sel), n_eq + jnp.sum(eq)
 
-    lax.fori_loop(0, tiles, emit, (jnp.int32(0), jnp.int32(0)))
+def _call_gpu(kernel, name: str, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
+        return pl.pallas_call(kernel, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), name=name,
+                              **kwargs)
 
 
 def _radix_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
     """`topk_selection` of float32 ``scores [R, N]`` as one Pallas Triton kernel, a program per row: the radix select
-    (one read of the row per pass, from L2) and the compaction, instead of ~35 XLA launches."""
+    (one read of the row per pass, from L2) and the compaction, instead of ~35 XLA launches. Rows longer than
+    ``_GPU_RADIX_MAX_N``: `_chunked_selection_gpu`."""
     rows, n = scores.shape
+    if n > _GPU_RADIX_MAX_N:
+        return _chunked_selection_gpu(scores, k, interpret)
     tile = min(_GPU_TILE, max(32, 1 << (n - 1).bit_length()))
     tiles = -(-n // tile)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-        idx, words = pl.pallas_call(
-            functools.partial(_radix_kernel, k=k, n=n, tiles=tiles, tile=tile),
-            out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
-                       jax.ShapeDtypeStruct((rows, tiles * tile // 32), jnp.int32)),
-            grid=(rows,),
-            in_specs=[pl.BlockSpec((None, tiles * tile), lambda r: (r, 0))],
-            out_specs=(pl.BlockSpec((None, k), lambda r: (r, 0)),
-                       pl.BlockSpec((None, tiles * tile // 32), lambda r: (r, 0))),
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-            interpret=interpret,
-            name="topk_radix_select",
-        )(jnp.pad(scores, ((0, 0), (0, tiles * tile - n))))
+    idx, words = _call_gpu(
+        functools.partial(_radix_kernel, k=k, n=n, tiles=tiles, tile=tile), "topk_radix_select",
+        out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
+                   jax.ShapeDtypeStruct((rows, tiles * tile // 32), jnp.int32)),
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((None, tiles * tile), lambda r: (r, 0))],
+        out_specs=(pl.BlockSpec((None, k), lambda r: (r, 0)),
+                   pl.BlockSpec((None, tiles * tile // 32), lambda r: (r, 0))),
+        interpret=interpret,
+    )(jnp.pad(scores, ((0, 0), (0, tiles * tile - n))))
     return idx, lax.bitcast_convert_type(words[:, : -(-n // 32)], jnp.uint32)
 
 
 _GPU_RADIX_MAX_N = 1 << 16
-"""Longest row for ``"radix_gpu"`` (a program reads its row 8 times; longer rows are left to the XLA methods)."""
+"""Longest row for one program per row; longer rows are split into chunks of this many entries, one program each."""
+
+
+def _chunk_pass_kernel(*refs, k: int, n: int, tile: int, tiles: int, shift: int | None):
+    """Program ``(row, chunk)`` of a counting pass of the chunked selection.  The radix state ``t`` is rebuilt in
+    every program from the previous pass (``t_prev`` of the row and the 16 counts of each of its chunks, summed), then
+    this chunk's counts for the next digit (``shift``) are written, or, after the last digit (``shift=None``), the
+    counts of keys above and equal to the threshold."""
+    if len(refs) == 5:
+        t_prev_ref, counts_prev_ref, scores_ref, t_ref, counts_ref = refs
+        prev_shift = 0 if shift is None else shift + _RADIX_BITS
+        t = t_prev_ref[0] + (_digit(jnp.sum(counts_prev_ref[...], axis=0), k) << prev_shift)
+    else:
+        scores_ref, t_ref, counts_ref = refs
+        t = jnp.int32(0)
+    first = pl.program_id(1) * tiles
+    t_ref[...] = jnp.full(t_ref.shape, t)
+    if shift is not None:
+        counts_ref[...] = _count_pass(scores_ref, t, shift, first, tiles, tile=tile, n=n)
+        return
+    threshold = t ^ jnp.int32(_I32_MIN)
+
+    def count(i, carry):
+        x = _tile_keys(scores_ref, i, tile, n)
+        above = carry[0] + jnp.sum((x > threshold).astype(jnp.int32))
+        return above, carry[1] + jnp.sum((x == threshold).astype(jnp.int32))
+
+    above, equal = lax.fori_loop(first, first + tiles, count, (jnp.int32(0), jnp.int32(0)))
+    counts_ref[...] = jnp.where(jnp.arange(2) == 0, above, equal)
+
+
+def _chunk_emit_kernel(t_ref, counts_ref, scores_ref, idx_ref, words_ref, *, k: int, n: int, tile: int, tiles: int):
+    """Program ``(row, chunk)``: the chunk's selected indices and bits, at the slots that the chunks before it fill
+    (from every chunk's counts above / equal to the threshold: ties go to the lowest indices, chunk by chunk)."""
+    c = pl.program_id(1)
+    above, equal = counts_ref[:, 0], counts_ref[:, 1]
+    need = k - jnp.sum(above)
+    chunks = jnp.arange(above.shape[0], dtype=jnp.int32)
+    equal_before = jnp.cumsum(equal) - equal
+    taken = above + jnp.clip(need - equal_before, 0, equal)
+    start = (jnp.sum(jnp.where(chunks < c, taken, 0)), jnp.sum(jnp.where(chunks < c, equal, 0)))
+    _emit(scores_ref, idx_ref, words_ref, t_ref[0] ^ jnp.int32(_I32_MIN), need, c * tiles, tiles, start, tile=tile,
+          n=n)
+
+
+def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
+    """`_radix_selection_gpu` for long rows: each row in chunks of ``_GPU_RADIX_MAX_N`` entries (a power of two of
+    them), a program per (row, chunk) in each of 8 counting passes, one pass counting the keys above / at the
+    threshold and one writing the selection: 10 launches, the scores read once per launch and nothing else of size
+    N written but the selection's bits."""
+    rows, n = scores.shape
+    tile, chunk = _GPU_TILE, _GPU_RADIX_MAX_N
+    chunks = 1 << (-(-n // chunk) - 1).bit_length()
+    tiles = chunk // tile
+    if chunks * chunk != n:
+        scores = jnp.pad(scores, ((0, 0), (0, chunks * chunk - n)))
+    kw = dict(k=k, n=n, tile=tile, tiles=tiles)
+    row = pl.BlockSpec((None, chunks * chunk), lambda r, c: (r, 0))
+
+    def counts(width):
+        return (pl.BlockSpec((None, None, width), lambda r, c: (r, c, 0)),
+                jax.ShapeDtypeStruct((rows, chunks, width), jnp.int32))
+
+    def whole_row(width):
+        return pl.BlockSpec((None, chunks, width), lambda r, c: (r, 0, 0))
+
+    t = counts_ = None
+    for shift in [*range(32 - _RADIX_BITS, -1, -_RADIX_BITS), None]:
+        width = 1 << _RADIX_BITS if shift is not None else 2
+        args, specs = (scores,), [row]
+        if t is not None:
+            args = (t, counts_, scores)
+            specs = [pl.BlockSpec((None, 1), lambda r, c: (r, 0)), whole_row(1 << _RADIX_BITS), row]
+        t, counts_ = _call_gpu(
+            functools.partial(_chunk_pass_kernel, **kw, shift=shift), "topk_radix_count",
+            out_shape=(jax.ShapeDtypeStruct((rows, chunks), jnp.int32), counts(width)[1]), grid=(rows, chunks),
+            in_specs=specs,
+            out_specs=(pl.BlockSpec((None, 1), lambda r, c: (r, c)), counts(width)[0]), interpret=interpret,
+        )(*args)
+    idx, words = _call_gpu(
+        functools.partial(_chunk_emit_kernel, **kw), "topk_radix_emit",
+        out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
+                   jax.ShapeDtypeStruct((rows, chunks * chunk // 32), jnp.int32)),
+        grid=(rows, chunks),
+        in_specs=[pl.BlockSpec((None, 1), lambda r, c: (r, 0)), whole_row(2), row],
+        out_specs=(pl.BlockSpec((None, k), lambda r, c: (r, 0)),
+                   pl.BlockSpec((None, chunk // 32), lambda r, c: (r, c))),
+        interpret=interpret,
+    )(t, counts_, scores)
+    return idx, lax.bitcast_convert_type(words[:, : -(-n // 32)], jnp.uint32)
 
 
 def auto_method(shape: tuple[int, ...], *, gpu_kernel: bool = False) -> Method:
     """What ``method="auto"`` picks for ``scores`` of this shape: ``"sampled"`` on large inputs, else ``"radix"``;
-    with ``gpu_kernel``, ``"radix_gpu"`` instead of ``"radix"`` for rows of up to 2^16 entries."""
+    with ``gpu_kernel``, always ``"radix_gpu"`` (the Pallas kernels: no pass of XLA over the scores)."""
+    if gpu_kernel:
+        return "radix_gpu"
     n = shape[-1]
     if n >= _AUTO_SAMPLED_MIN_N and math.prod(shape) >= _AUTO_SAMPLED_MIN_TOTAL:
         return "sampled"
-    return "radix_gpu" if gpu_kernel and n <= _GPU_RADIX_MAX_N else "radix"
+    return "radix"
 
 
 def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto", interpret=False) -> jax.Array:

@@ -99,6 +99,16 @@ def test_radix_gpu_kernel_returns_the_same_indices_and_bits(n, k):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize(("n", "k"), [(2600, 700), (2048, 2047)])
+def test_chunked_radix_gpu_kernels_return_the_same_indices_and_bits(monkeypatch, n, k):
+    """Rows longer than one program's (here 1024 entries, so 2 or 4 chunks with padding) go through the chunked
+    kernels: the radix state rebuilt from every chunk's counts, ties split across chunks by lowest index."""
+    from pallas_kernels import selection
+
+    monkeypatch.setattr(selection, "_GPU_RADIX_MAX_N", 1024)
+    test_radix_gpu_kernel_returns_the_same_indices_and_bits(n, k)
+
+
 def test_signed_zero_order():
     """``-0.0 < +0.0`` as in lax.top_k (total order); equal zeros resolve by index."""
     x = np.array([[0.0, -0.0, 0.0, -0.0, 1.0, -1.0], [-0.0, 0.0, -0.0, 0.0, -0.0, 0.0]], np.float32)
@@ -122,6 +132,10 @@ def test_vmap():
 
 def test_auto_method():
     _check(_tie_heavy_rows(np.random.default_rng(3), 64), 9, "auto")
+    from pallas_kernels.selection import auto_method
+
+    assert auto_method((12, 1 << 22)) == "sampled" and auto_method((4, 1000)) == "radix"
+    assert auto_method((12, 1 << 22), gpu_kernel=True) == auto_method((4, 1000), gpu_kernel=True) == "radix_gpu"
 
 
 def test_bad_arguments():
