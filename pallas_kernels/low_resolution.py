@@ -150,8 +150,8 @@ def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, ep
     lax.fori_loop(0, tiles, step, 0)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref, rm_ref, arg_ref, *, n, tile, tiles,
-                    eps, inv_scale, penalty):
+def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_ref, arg_ref, *, n, tile, tiles, eps,
+                    inv_scale, penalty):
     i = pl.program_id(0)
     c_row = crow_ref[...]
     q = q_ref[...] / (c_row + eps)[:, None]
@@ -169,8 +169,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, z_ref
 
     u, z = lax.fori_loop(0, tiles, accumulate, (jnp.zeros(q.shape, jnp.float32), jnp.zeros((tile,), jnp.float32)))
     u_ref[...] = u
-    z_ref[...] = z
-    rm_ref[...] = rm
+    zr_ref[...] = jnp.where(jnp.arange(2)[None, :] == 0, z[:, None], rm[:, None])  # as the attention kernel reads
     arg_ref[...] = arg
 
 
@@ -270,18 +269,17 @@ def _low_resolution(sums, count, bits, scale, eps, penalty, interpret):
 def _forward(sums, count, bits, scale, eps, penalty, interpret):
     prob, kw, (q, k, v), counts, words = _setup(sums, count, bits, scale, eps, penalty)
     b, n_pad, h, dp = q.shape
-    stat = jax.ShapeDtypeStruct((b, n_pad, h), jnp.float32)
-    u, z, rm, arg = prob.call(
+    u, zr, arg = prob.call(
         functools.partial(_forward_kernel, **kw), "forward",
-        out_shape=(jax.ShapeDtypeStruct(q.shape, jnp.float32), stat, stat,
+        out_shape=(jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n_pad, h, 2), jnp.float32),
                    jax.ShapeDtypeStruct((b, n_pad, h), jnp.int32)),
         in_specs=[prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.counts(whole=False), prob.counts(whole=True),
                   prob.bits(words.shape[-1])],
-        out_specs=(prob.rows(dp), prob.rows(), prob.rows(), prob.rows()),
+        out_specs=(prob.rows(dp), prob.rows(2), prob.rows()),
         interpret=interpret,
     )(q, k, v, counts, counts, words)
     n, d = prob.n, prob.d
-    return (u[:, :n, :, :d], z[:, :n], rm[:, :n]), arg
+    return (u[:, :n, :, :d], zr[:, :n, :, 0], zr[:, :n, :, 1]), arg
 
 
 def _low_resolution_fwd(sums, count, bits, scale, eps, penalty, interpret):

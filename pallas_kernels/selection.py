@@ -20,9 +20,9 @@ Pallas kernel):
      ``"radix"`` through a ``lax.cond`` (under ``vmap`` both branches run), so the result is exact for every input.
    * ``"radix_gpu"``: ``"radix"`` and step 3 in one Pallas Triton kernel, a program per row looping over its 8
      passes (the row re-read from L2), then a 9th that writes the indices and bits (1 launch instead of ~35).  Rows
-     of more than 2^16 entries are split into chunks of 2^16, a program per (row, chunk) in each of 10 launches (8
-     counting passes, one counting the keys above and at the threshold, one writing the selection); each program
-     rebuilds the radix state from the previous launch's per-chunk counts, so nothing runs between the kernels.
+     of more than 2^16 entries are split into chunks of 2^16, a program per (row, chunk) in each of 9 launches (8
+     counting passes, one writing the selection); each program rebuilds the radix state from the previous launch's
+     per-chunk counts, so nothing runs between the kernels.
 
 3. Select ``key > T`` plus the ``r = k - count(key > T)`` lowest-index entries with ``key == T`` and compact the
    selection to ``k`` ascending indices without a length-N sort or scatter: masks are packed into 32-bit words, prefix
@@ -253,9 +253,14 @@ def _count_pass(scores_ref, t, shift: int, first, tiles, *, tile: int, n: int):
     return lax.fori_loop(first, first + tiles, count, jnp.zeros(j.shape, jnp.int32))
 
 
-def _digit(c, k):
-    """The radix digit of the k-th largest key from `_count_pass`'s non-increasing counts (``c[0] >= k``)."""
-    return jnp.sum((c >= k).astype(jnp.int32)) - 1
+def _advance(t, above, total, own, shift: int, k):
+    """One radix step from `_count_pass`'s counts at ``shift``, ``total`` over the row (non-increasing, ``total[0] >=
+    k``) and ``own`` over some part of it: the k-th largest key's digit extends the prefix ``t``; ``above`` (of the
+    part) becomes its count of keys at or past the end of the new prefix's window (unchanged for the top digit)."""
+    j = jnp.arange(total.shape[0], dtype=jnp.int32)
+    digit = jnp.sum((total >= k).astype(jnp.int32)) - 1
+    above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j == digit + 1, own, 0)), above)
+    return t + (digit << shift), above
 
 
 def _emit(scores_ref, idx_ref, words_ref, threshold, need, first, tiles, carry, *, tile: int, n: int):
@@ -291,10 +296,7 @@ def _radix_kernel(scores_ref, idx_ref, words_ref, *, k: int, n: int, tiles: int,
     above = jnp.int32(0)
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
         c = _count_pass(scores_ref, t, shift, 0, tiles, tile=tile, n=n)
-        digit = _digit(c, k)
-        above = jnp.where(digit < c.shape[0] - 1, jnp.sum(jnp.where(jnp.arange(c.shape[0]) == digit + 1, c, 0)),
-                          above)
-        t = t + (digit << shift)
+        t, above = _advance(t, above, c, c, shift, k)
     # Selection: key > T, plus the k - count(key > T) lowest-index entries with key == T.
     _emit(scores_ref, idx_ref, words_ref, t ^ jnp.int32(_I32_MIN), k - above, 0, tiles, (jnp.int32(0), jnp.int32(0)),
           tile=tile, n=n)
@@ -333,53 +335,51 @@ _GPU_RADIX_MAX_N = 1 << 16
 """Longest row for one program per row; longer rows are split into chunks of this many entries, one program each."""
 
 
-def _chunk_pass_kernel(*refs, k: int, n: int, tile: int, tiles: int, shift: int | None):
-    """Program ``(row, chunk)`` of a counting pass of the chunked selection.  The radix state ``t`` is rebuilt in
-    every program from the previous pass (``t_prev`` of the row and the 16 counts of each of its chunks, summed), then
-    this chunk's counts for the next digit (``shift``) are written, or, after the last digit (``shift=None``), the
-    counts of keys above and equal to the threshold."""
-    if len(refs) == 5:
-        t_prev_ref, counts_prev_ref, scores_ref, t_ref, counts_ref = refs
-        prev_shift = 0 if shift is None else shift + _RADIX_BITS
-        t = t_prev_ref[0] + (_digit(jnp.sum(counts_prev_ref[...], axis=0), k) << prev_shift)
-    else:
-        scores_ref, t_ref, counts_ref = refs
-        t = jnp.int32(0)
-    first = pl.program_id(1) * tiles
+def _chunk_state(t_ref, above_ref, counts_ref, shift: int, k):
+    """The radix state ``(t, above)`` of program ``(row, chunk)`` after the digit at ``shift``, rebuilt from the
+    previous pass: ``t`` of the row, this chunk's ``above`` and every chunk's counts ``[chunks, 16]``."""
+    counts = counts_ref[...]
+    mine = jnp.arange(counts.shape[0], dtype=jnp.int32)[:, None] == pl.program_id(1)
+    return _advance(t_ref[0], above_ref[0], jnp.sum(counts, axis=0), jnp.sum(jnp.where(mine, counts, 0), axis=0),
+                    shift, k)
+
+
+def _chunk_pass_kernel(*refs, k: int, n: int, tile: int, tiles: int, shift: int):
+    """Program ``(row, chunk)`` of the counting pass at ``shift``: the radix state after the previous digit (none
+    before the first pass), then this chunk's 16 counts."""
+    *previous, scores_ref, t_ref, above_ref, counts_ref = refs
+    t, above = _chunk_state(*previous, shift + _RADIX_BITS, k) if previous else (jnp.int32(0), jnp.int32(0))
     t_ref[...] = jnp.full(t_ref.shape, t)
-    if shift is not None:
-        counts_ref[...] = _count_pass(scores_ref, t, shift, first, tiles, tile=tile, n=n)
-        return
-    threshold = t ^ jnp.int32(_I32_MIN)
-
-    def count(i, carry):
-        x = _tile_keys(scores_ref, i, tile, n)
-        above = carry[0] + jnp.sum((x > threshold).astype(jnp.int32))
-        return above, carry[1] + jnp.sum((x == threshold).astype(jnp.int32))
-
-    above, equal = lax.fori_loop(first, first + tiles, count, (jnp.int32(0), jnp.int32(0)))
-    counts_ref[...] = jnp.where(jnp.arange(2) == 0, above, equal)
+    above_ref[...] = jnp.full(above_ref.shape, above)
+    counts_ref[...] = _count_pass(scores_ref, t, shift, pl.program_id(1) * tiles, tiles, tile=tile, n=n)
 
 
-def _chunk_emit_kernel(t_ref, counts_ref, scores_ref, idx_ref, words_ref, *, k: int, n: int, tile: int, tiles: int):
-    """Program ``(row, chunk)``: the chunk's selected indices and bits, at the slots that the chunks before it fill
-    (from every chunk's counts above / equal to the threshold: ties go to the lowest indices, chunk by chunk)."""
-    c = pl.program_id(1)
-    above, equal = counts_ref[:, 0], counts_ref[:, 1]
+def _chunk_emit_kernel(t_ref, above_ref, counts_ref, scores_ref, idx_ref, words_ref, *, k: int, n: int, tile: int,
+                       tiles: int):
+    """Program ``(row, chunk)``: the threshold ``T`` from the last pass, every chunk's keys above and at ``T``, and
+    this chunk's selected indices and bits at the slots that the chunks before it fill (ties to the lowest
+    indices, chunk by chunk)."""
+    counts = counts_ref[...]  # [chunks, 16] at shift 0
+    j = jnp.arange(counts.shape[1], dtype=jnp.int32)
+    digit = jnp.sum((jnp.sum(counts, axis=0) >= k).astype(jnp.int32)) - 1
+    at_least = jnp.sum(jnp.where(j[None, :] == digit, counts, 0), axis=1)  # key >= T, per chunk
+    above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j[None, :] == digit + 1, counts, 0), axis=1),
+                      above_ref[...])  # key > T
+    equal = at_least - above
     need = k - jnp.sum(above)
-    chunks = jnp.arange(above.shape[0], dtype=jnp.int32)
+    c = pl.program_id(1)
+    chunks = jnp.arange(counts.shape[0], dtype=jnp.int32)
     equal_before = jnp.cumsum(equal) - equal
     taken = above + jnp.clip(need - equal_before, 0, equal)
     start = (jnp.sum(jnp.where(chunks < c, taken, 0)), jnp.sum(jnp.where(chunks < c, equal, 0)))
-    _emit(scores_ref, idx_ref, words_ref, t_ref[0] ^ jnp.int32(_I32_MIN), need, c * tiles, tiles, start, tile=tile,
-          n=n)
+    threshold = (t_ref[0] + digit) ^ jnp.int32(_I32_MIN)
+    _emit(scores_ref, idx_ref, words_ref, threshold, need, c * tiles, tiles, start, tile=tile, n=n)
 
 
 def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
     """`_radix_selection_gpu` for long rows: each row in chunks of ``_GPU_RADIX_MAX_N`` entries (a power of two of
-    them), a program per (row, chunk) in each of 8 counting passes, one pass counting the keys above / at the
-    threshold and one writing the selection: 10 launches, the scores read once per launch and nothing else of size
-    N written but the selection's bits."""
+    them), a program per (row, chunk) in each of 8 counting passes and in one pass writing the selection: 9
+    launches, the scores read once per launch and nothing else of size N written but the selection's bits."""
     rows, n = scores.shape
     tile, chunk = _GPU_TILE, _GPU_RADIX_MAX_N
     chunks = 1 << (-(-n // chunk) - 1).bit_length()
@@ -387,38 +387,31 @@ def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Ar
     if chunks * chunk != n:
         scores = jnp.pad(scores, ((0, 0), (0, chunks * chunk - n)))
     kw = dict(k=k, n=n, tile=tile, tiles=tiles)
-    row = pl.BlockSpec((None, chunks * chunk), lambda r, c: (r, 0))
-
-    def counts(width):
-        return (pl.BlockSpec((None, None, width), lambda r, c: (r, c, 0)),
-                jax.ShapeDtypeStruct((rows, chunks, width), jnp.int32))
-
-    def whole_row(width):
-        return pl.BlockSpec((None, chunks, width), lambda r, c: (r, 0, 0))
-
-    t = counts_ = None
-    for shift in [*range(32 - _RADIX_BITS, -1, -_RADIX_BITS), None]:
-        width = 1 << _RADIX_BITS if shift is not None else 2
-        args, specs = (scores,), [row]
-        if t is not None:
-            args = (t, counts_, scores)
-            specs = [pl.BlockSpec((None, 1), lambda r, c: (r, 0)), whole_row(1 << _RADIX_BITS), row]
-        t, counts_ = _call_gpu(
+    width = 1 << _RADIX_BITS
+    stat = jax.ShapeDtypeStruct((rows, chunks), jnp.int32)
+    row = pl.BlockSpec((None, chunks * chunk), lambda r, c: (r, 0))  # the scores of the program's row
+    mine = pl.BlockSpec((None, 1), lambda r, c: (r, c))  # the program's entry of a [rows, chunks] array
+    first = pl.BlockSpec((None, 1), lambda r, c: (r, 0))
+    row_counts = pl.BlockSpec((None, chunks, width), lambda r, c: (r, 0, 0))
+    state = ()  # (t, above, counts) of the previous pass
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        state = _call_gpu(
             functools.partial(_chunk_pass_kernel, **kw, shift=shift), "topk_radix_count",
-            out_shape=(jax.ShapeDtypeStruct((rows, chunks), jnp.int32), counts(width)[1]), grid=(rows, chunks),
-            in_specs=specs,
-            out_specs=(pl.BlockSpec((None, 1), lambda r, c: (r, c)), counts(width)[0]), interpret=interpret,
-        )(*args)
+            out_shape=(stat, stat, jax.ShapeDtypeStruct((rows, chunks, width), jnp.int32)), grid=(rows, chunks),
+            in_specs=[first, mine, row_counts, row] if state else [row],
+            out_specs=(mine, mine, pl.BlockSpec((None, None, width), lambda r, c: (r, c, 0))),
+            interpret=interpret,
+        )(*state, scores)
     idx, words = _call_gpu(
         functools.partial(_chunk_emit_kernel, **kw), "topk_radix_emit",
         out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
                    jax.ShapeDtypeStruct((rows, chunks * chunk // 32), jnp.int32)),
         grid=(rows, chunks),
-        in_specs=[pl.BlockSpec((None, 1), lambda r, c: (r, 0)), whole_row(2), row],
+        in_specs=[first, pl.BlockSpec((None, chunks), lambda r, c: (r, 0)), row_counts, row],
         out_specs=(pl.BlockSpec((None, k), lambda r, c: (r, 0)),
                    pl.BlockSpec((None, chunk // 32), lambda r, c: (r, c))),
         interpret=interpret,
-    )(t, counts_, scores)
+    )(*state, scores)
     return idx, lax.bitcast_convert_type(words[:, : -(-n // 32)], jnp.uint32)
 
 
