@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .gpu import _dot, _pad_last, _padded_dim
+from .layout import BLOCK
 from .numerics import matmul_precision
 
 __all__ = ["low_resolution_output", "low_resolution_scores"]
@@ -84,23 +85,39 @@ class _Problem:
             return x
         return jnp.pad(x, [(0, 0), (0, self.n_pad - self.n)] + [(0, 0)] * (x.ndim - 2))
 
-    def call(self, kernel, name: str, out_shape, **kwargs):
+    def call(self, kernel, name: str, args, in_specs, *, counts, count_at: int, count_whole: tuple[bool, bool],
+             **kwargs):
+        """``kernel(*args)`` over the grid; its two count refs (positions ``count_at``, ``count_at + 1``, tile or
+        whole row as ``count_whole`` says) get ``counts`` ``[B, n_pad]``, or ``None`` when ``counts`` is ``None``."""
+        if counts is None:
+            body = lambda *refs: kernel(*refs[:count_at], None, None, *refs[count_at:])  # noqa: E731
+        else:
+            body = kernel
+            args = (*args[:count_at], counts, counts, *args[count_at:])
+            in_specs = [*in_specs[:count_at], *map(self.counts, count_whole), *in_specs[count_at:]]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-            return pl.pallas_call(kernel, out_shape=out_shape, grid=(self.tiles, self.b * self.h),
+            return pl.pallas_call(body, grid=(self.tiles, self.b * self.h), in_specs=in_specs,
                                   compiler_params=pltriton.CompilerParams(num_warps=self.warps, num_stages=2),
-                                  name=f"mra_low_resolution_{name}", **kwargs)
+                                  name=f"mra_low_resolution_{name}", **kwargs)(*args)
 
 
 def _tile_ids(i, tile: int):
     return i * tile + jnp.arange(tile, dtype=jnp.int32)
 
 
-def _means(sum_ref, count_ref, i, tile: int, eps: float):
+def _tile_counts(ref, i, tile: int, n: int, whole: bool = False):
+    """Unpadded tokens of the blocks of tile ``i``: from a counts ref (the program's tile, or with ``whole`` the whole
+    ``[n_pad]`` of its batch item), or without one (no padding) ``BLOCK`` for every block before ``n``."""
+    if ref is None:
+        return jnp.where(_tile_ids(i, tile) < n, float(BLOCK), 0.0)
+    return ref[pl.ds(pl.multiple_of(i * tile, tile), tile)] if whole else ref[...]
+
+
+def _means(sum_ref, count_ref, i, tile: int, eps: float, n: int):
     """The block means and counts of tile ``i`` of a whole-(b, h) sum ref ``[n_pad, dp]`` and counts ``[n_pad]``."""
-    rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    c = count_ref[rows]
-    return sum_ref[rows] / (c + eps)[:, None], c
+    c = _tile_counts(count_ref, i, tile, n, whole=True)
+    return sum_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)] / (c + eps)[:, None], c
 
 
 def _weights(p, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: float, penalty: float):
@@ -118,7 +135,7 @@ def _row_max(q, k_ref, c_ref, *, n: int, tile: int, tiles: int, eps: float):
     first argmax: one pass over the key tiles."""
     def step(j, carry):
         m, arg = carry
-        k, _ = _means(k_ref, c_ref, j, tile, eps)
+        k, _ = _means(k_ref, c_ref, j, tile, eps, n)
         cols = _tile_ids(j, tile)
         p = jnp.where(cols[None, :] < n, _dot(q, k, (1, 1), _PRECISION), -jnp.inf)
         tile_max = jnp.max(p, axis=1)
@@ -136,12 +153,12 @@ def _penalty(c_row, c_col, penalty: float):
 
 
 def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, eps, scale, penalty):
-    c_row = crow_ref[...]
+    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
     q = q_ref[...] / (c_row + eps)[:, None]
     pmax, _ = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
 
     def step(j, carry):
-        k, c = _means(k_ref, c_ref, j, tile, eps)
+        k, c = _means(k_ref, c_ref, j, tile, eps, n)
         p = _dot(q, k, (1, 1), _PRECISION)
         out_ref[:, pl.ds(pl.multiple_of(j * tile, tile), tile)] = (p - pmax[:, None]) / scale - _penalty(
             c_row, c, penalty)
@@ -153,7 +170,7 @@ def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, ep
 def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_ref, arg_ref, *, n, tile, tiles, eps,
                     inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = crow_ref[...]
+    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
     q = q_ref[...] / (c_row + eps)[:, None]
     rows = _tile_ids(i, tile)
     m, arg = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
@@ -161,8 +178,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_re
 
     def accumulate(j, carry):
         u, z = carry
-        k, c = _means(k_ref, c_ref, j, tile, eps)
-        v, _ = _means(v_ref, c_ref, j, tile, eps)
+        k, c = _means(k_ref, c_ref, j, tile, eps, n)
+        v, _ = _means(v_ref, c_ref, j, tile, eps, n)
         w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, _tile_ids(j, tile), c_row, c, rm, bits_ref, n=n,
                      inv_scale=inv_scale, penalty=penalty)
         return u + _dot(w, v, (1, 0), _PRECISION), z + jnp.sum(w, axis=1)
@@ -173,18 +190,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_re
     arg_ref[...] = arg
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, rm_ref, arg_ref, t_ref, du_ref, dz_ref, dq_ref, *, n,
+def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dq_ref, *, n,
                tile, tiles, eps, inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = crow_ref[...]
+    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
     den = (c_row + eps)[:, None]
     q = q_ref[...] / den
     rows = _tile_ids(i, tile)
-    rm, arg, t, du, dz = rm_ref[...], arg_ref[...], t_ref[...], du_ref[...], dz_ref[...]
+    rm, arg, t, du, dz = zr_ref[:, 1], arg_ref[...], t_ref[...], du_ref[...], dz_ref[...]
 
     def step(j, dq):
-        k, c = _means(k_ref, c_ref, j, tile, eps)
-        v, _ = _means(v_ref, c_ref, j, tile, eps)
+        k, c = _means(k_ref, c_ref, j, tile, eps, n)
+        v, _ = _means(v_ref, c_ref, j, tile, eps, n)
         cols = _tile_ids(j, tile)
         w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, cols, c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale,
                      penalty=penalty)
@@ -196,19 +213,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, rm_ref, arg_ref, 
     dq_ref[...] = dq * inv_scale / den
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, rm_ref, arg_ref, t_ref, du_ref, dz_ref, dk_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dk_ref,
                 dv_ref, *, n, tile, tiles, eps, inv_scale, penalty):
     j = pl.program_id(0)
-    c_col = ccol_ref[...]
+    c_col = _tile_counts(ccol_ref, pl.program_id(0), tile, n)
     den = (c_col + eps)[:, None]
     k, v = k_ref[...] / den, v_ref[...] / den
     cols = _tile_ids(j, tile)
 
     def step(i, carry):
         dk, dv = carry
-        q, c = _means(q_ref, c_ref, i, tile, eps)
+        q, c = _means(q_ref, c_ref, i, tile, eps, n)
         rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
-        rm, arg, t, du, dz = rm_ref[rows], arg_ref[rows], t_ref[rows], du_ref[rows], dz_ref[rows]
+        rm, arg, t, du, dz = zr_ref[rows, 1], arg_ref[rows], t_ref[rows], du_ref[rows], dz_ref[rows]
         w = _weights(_dot(q, k, (1, 1), _PRECISION), _tile_ids(i, tile), cols, c, c_col, rm, bits_ref, n=n,
                      inv_scale=inv_scale, penalty=penalty)
         dp = w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(
@@ -222,33 +239,36 @@ def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, rm_ref, arg_ref,
 
 def low_resolution_output(sums, count, bits, *, scale: float, eps: float, penalty: float, interpret=False):
     """``(u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 (module docstring) from the block sums
-    ``sums = (q_sum, k_sum, v_sum)`` ``[B, n, H, d]`` float32, ``count`` ``[B, n]`` unpadded tokens per block and the
-    packed selection ``bits`` ``[B, H, ceil(n·n / 32)]`` uint32 (no gradient for these two); differentiable in
-    ``sums``.  ``scale``: the logits' divisor; ``eps``: the means' and ``penalty``: the masked pairs' constants."""
+    ``sums = (q_sum, k_sum, v_sum)`` ``[B, n, H, d]`` float32, ``count`` ``[B, n]`` unpadded tokens per block
+    (``None``: no padding, 32 each) and the packed selection ``bits`` ``[B, H, ceil(n·n / 32)]`` uint32 (no gradient
+    for these two); differentiable in ``sums``.  ``scale``: the logits' divisor; ``eps``: the means' and
+    ``penalty``: the masked pairs' constants."""
     b, n, h, d = sums[0].shape
-    if any(x.shape != (b, n, h, d) for x in sums) or count.shape != (b, n) or bits.shape != (b, h, -(-n * n // 32)):
+    if (any(x.shape != (b, n, h, d) for x in sums) or (count is not None and count.shape != (b, n))
+            or bits.shape != (b, h, -(-n * n // 32))):
         raise ValueError(f"expected sums [B, n, H, d], count [B, n] and bits [B, H, ceil(n*n/32)], got "
-                         f"{[x.shape for x in sums]}, {count.shape}, {bits.shape}")
-    return _low_resolution(tuple(x.astype(jnp.float32) for x in sums), lax.stop_gradient(count.astype(jnp.float32)),
-                           lax.stop_gradient(bits), float(scale), float(eps), float(penalty), interpret)
+                         f"{[x.shape for x in sums]}, {None if count is None else count.shape}, {bits.shape}")
+    count = None if count is None else lax.stop_gradient(count.astype(jnp.float32))
+    return _low_resolution(tuple(x.astype(jnp.float32) for x in sums), count, lax.stop_gradient(bits), float(scale),
+                           float(eps), float(penalty), interpret)
 
 
 def low_resolution_scores(q_sum, k_sum, count, *, scale: float, eps: float, penalty: float, interpret=False):
     """MRA's block selection scores ``[B, H, n, n]`` float32, no gradient: ``(p_ij - pmax_i) / scale`` minus the
-    padding penalty (module docstring), each row's max exactly 0; one Pallas GPU kernel that reads the block sums
-    ``[B, n, H, d]`` and writes only the scores (no transposes, products or row max in memory)."""
+    padding penalty (module docstring), exactly 0 at each row's max product; one Pallas GPU kernel that reads the
+    block sums ``[B, n, H, d]`` and writes only the scores (no transposes, products or row max in memory).
+    ``count`` as in `low_resolution_output`."""
     b, n, h, d = q_sum.shape
     prob = _Problem(b, n, h, d)
     q, k = (prob.pad_blocks(lax.stop_gradient(x).astype(jnp.float32)) for x in (q_sum, k_sum))
-    counts = prob.pad_blocks(lax.stop_gradient(count).astype(jnp.float32))
+    counts = None if count is None else prob.pad_blocks(lax.stop_gradient(count).astype(jnp.float32))
     kernel = functools.partial(_scores_kernel, n=n, tile=prob.tile, tiles=prob.tiles, eps=eps, scale=scale,
                                penalty=penalty)
     scores = prob.call(
-        kernel, "scores", out_shape=jax.ShapeDtypeStruct((b, h, prob.n_pad, prob.n_pad), jnp.float32),
-        in_specs=[prob.rows(prob.dp), prob.whole(prob.dp), prob.counts(whole=False), prob.counts(whole=True)],
+        kernel, "scores", (q, k), [prob.rows(prob.dp), prob.whole(prob.dp)], counts=counts, count_at=2,
+        count_whole=(False, True), out_shape=jax.ShapeDtypeStruct((b, h, prob.n_pad, prob.n_pad), jnp.float32),
         out_specs=pl.BlockSpec((None, None, prob.tile, prob.n_pad), lambda i, r: (r // h, r % h, i, 0)),
-        interpret=interpret,
-    )(q, k, counts, counts)
+        interpret=interpret)
     return scores if prob.n_pad == n else scores[:, :, :n, :n]
 
 
@@ -256,7 +276,7 @@ def _setup(sums, count, bits, scale, eps, penalty):
     b, n, h, d = sums[0].shape
     prob = _Problem(b, n, h, d)
     kw = dict(n=n, tile=prob.tile, tiles=prob.tiles, eps=eps, inv_scale=1.0 / scale, penalty=penalty)
-    counts = prob.pad_blocks(count)
+    counts = None if count is None else prob.pad_blocks(count)
     padded = [prob.pad_blocks(x) for x in sums]
     return prob, kw, padded, counts, lax.bitcast_convert_type(bits, jnp.int32)
 
@@ -267,48 +287,45 @@ def _low_resolution(sums, count, bits, scale, eps, penalty, interpret):
 
 
 def _forward(sums, count, bits, scale, eps, penalty, interpret):
+    """``(u, z, rm)`` and, for the backward, ``(zr, arg)`` over the padded blocks."""
     prob, kw, (q, k, v), counts, words = _setup(sums, count, bits, scale, eps, penalty)
     b, n_pad, h, dp = q.shape
     u, zr, arg = prob.call(
-        functools.partial(_forward_kernel, **kw), "forward",
+        functools.partial(_forward_kernel, **kw), "forward", (q, k, v, words),
+        [prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.bits(words.shape[-1])], counts=counts, count_at=3,
+        count_whole=(False, True),
         out_shape=(jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n_pad, h, 2), jnp.float32),
                    jax.ShapeDtypeStruct((b, n_pad, h), jnp.int32)),
-        in_specs=[prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.counts(whole=False), prob.counts(whole=True),
-                  prob.bits(words.shape[-1])],
-        out_specs=(prob.rows(dp), prob.rows(2), prob.rows()),
-        interpret=interpret,
-    )(q, k, v, counts, counts, words)
+        out_specs=(prob.rows(dp), prob.rows(2), prob.rows()), interpret=interpret)
     n, d = prob.n, prob.d
-    return (u[:, :n, :, :d], zr[:, :n, :, 0], zr[:, :n, :, 1]), arg
+    return (u[:, :n, :, :d], zr[:, :n, :, 0], zr[:, :n, :, 1]), (zr, arg)
 
 
 def _low_resolution_fwd(sums, count, bits, scale, eps, penalty, interpret):
-    low, arg = _forward(sums, count, bits, scale, eps, penalty, interpret)
-    return low, (sums, count, bits, low, arg)
+    low, rest = _forward(sums, count, bits, scale, eps, penalty, interpret)
+    return low, (sums, count, bits, low[:2], rest)
 
 
 def _low_resolution_bwd(scale, eps, penalty, interpret, res, cts):
-    sums, count, bits, (u, z, rm), arg = res
+    sums, count, bits, (u, z), (zr, arg) = res
     du, dz, drm = (x.astype(jnp.float32) for x in cts)
     t = drm - jnp.einsum("bnhd,bnhd->bnh", du, u, precision=_PRECISION) - dz * z  # rm's cotangent, weights included
     prob, kw, (q, k, v), counts, words = _setup(sums, count, bits, scale, eps, penalty)
-    rm, arg, t, du, dz = (prob.pad_blocks(x) for x in (rm, arg, t, du, dz))
+    t, du, dz = (prob.pad_blocks(x) for x in (t, du, dz))
     dp = q.shape[-1]
     block = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    args = (q, k, v, counts, counts, words, rm, arg, t, du, dz)
-    stats = [prob.whole(), prob.whole(), prob.whole(), prob.whole(dp), prob.whole()]
+    args = (q, k, v, words, zr, arg, t, du, dz)
+    common = dict(counts=counts, count_at=3, interpret=interpret)
     dq = prob.call(
-        functools.partial(_dq_kernel, **kw), "dq", out_shape=block,
-        in_specs=[prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.counts(whole=False), prob.counts(whole=True),
-                  prob.bits(words.shape[-1]), prob.rows(), prob.rows(), prob.rows(), prob.rows(dp), prob.rows()],
-        out_specs=prob.rows(dp), interpret=interpret,
-    )(*args)
+        functools.partial(_dq_kernel, **kw), "dq", args,
+        [prob.rows(dp), prob.whole(dp), prob.whole(dp), prob.bits(words.shape[-1]), prob.rows(2), prob.rows(),
+         prob.rows(), prob.rows(dp), prob.rows()],
+        count_whole=(False, True), out_shape=block, out_specs=prob.rows(dp), **common)
     dk, dv = prob.call(
-        functools.partial(_dkv_kernel, **kw), "dkv", out_shape=(block, block),
-        in_specs=[prob.whole(dp), prob.rows(dp), prob.rows(dp), prob.counts(whole=True), prob.counts(whole=False),
-                  prob.bits(words.shape[-1]), *stats],
-        out_specs=(prob.rows(dp), prob.rows(dp)), interpret=interpret,
-    )(*args)
+        functools.partial(_dkv_kernel, **kw), "dkv", args,
+        [prob.whole(dp), prob.rows(dp), prob.rows(dp), prob.bits(words.shape[-1]), prob.whole(2), prob.whole(),
+         prob.whole(), prob.whole(dp), prob.whole()],
+        count_whole=(True, False), out_shape=(block, block), out_specs=(prob.rows(dp), prob.rows(dp)), **common)
     n, d = prob.n, prob.d
     return tuple(x[:, :n, :, :d] for x in (dq, dk, dv)), None, None
 

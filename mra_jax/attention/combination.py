@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mra_jax.attention.low_resolution import EPS, PAD_PENALTY, low_resolution
+from mra_jax.attention.low_resolution import EPS, PAD_PENALTY, low_resolution, token_counts
 from mra_jax.attention.selection import selected_pair_mask
 from pallas_kernels import low_resolution as kernels
 
@@ -16,7 +16,8 @@ def low_resolution_output(sums: tuple[jax.Array, jax.Array, jax.Array], aux: tup
                           scale: float, gpu_kernel: bool = False,
                           interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(u [B, n, H, d], z [B, n, H], rm [B, n, H])`` float32 from the query/key/value `block_sums`
-    ``[B, n, H, d]`` and ``aux = (token_count [B, 1, n], packed selection bits [B, H, ceil(n*n/32)])``.
+    ``[B, n, H, d]`` and ``aux = (token_count [B, 1, n] or None for no padding, packed selection bits [B, H,
+    ceil(n*n/32)])``.
 
     With the block logits ``L`` (padding penalty applied) and their row max ``rm`` (before the penalty, HF's order),
     the weights ``e^(L - rm - 1e4·selected) · count_j`` give ``u = Σ_j w_ij v̂_j`` and ``z = Σ_j w_ij``: HF's low-
@@ -27,8 +28,10 @@ def low_resolution_output(sums: tuple[jax.Array, jax.Array, jax.Array], aux: tup
     """
     count, bits = aux
     if gpu_kernel:
-        return kernels.low_resolution_output(sums, count[:, 0], bits, scale=scale, eps=EPS, penalty=PAD_PENALTY,
-                                             interpret=interpret)
+        return kernels.low_resolution_output(sums, None if count is None else count[:, 0], bits, scale=scale, eps=EPS,
+                                             penalty=PAD_PENALTY, interpret=interpret)
+    if count is None:
+        count = token_counts(None, *sums[0].shape[:2])
     low = low_resolution(*sums, count, scale)
     n = count.shape[-1]
     weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected_pair_mask(bits, n)) * count[..., None, :]

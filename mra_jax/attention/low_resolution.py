@@ -83,11 +83,14 @@ def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Arra
     return LowResolution(logits - penalty, row_max, count, value_hat, scores)
 
 
-def selection_scores(query_sum: jax.Array, key_sum: jax.Array, count: jax.Array, scale: float, *,
+def selection_scores(query_sum: jax.Array, key_sum: jax.Array, count: jax.Array | None, scale: float, *,
                      gpu_kernel: bool = False, interpret: bool = False) -> jax.Array:
-    """`LowResolution.scores` ``[B, H, n, n]`` from the query/key `block_sums` and `token_counts`; ``gpu_kernel``: by
-    the Pallas GPU kernel that writes nothing but the scores (``interpret`` runs it on CPU)."""
+    """`LowResolution.scores` ``[B, H, n, n]`` from the query/key `block_sums` and `token_counts` (``None``: no
+    padding); ``gpu_kernel``: by the Pallas GPU kernel that writes nothing but the scores (``interpret`` runs it on
+    CPU)."""
     if gpu_kernel:
-        return kernels.low_resolution_scores(query_sum, key_sum, count[:, 0], scale=scale, eps=EPS,
-                                             penalty=PAD_PENALTY, interpret=interpret)
+        return kernels.low_resolution_scores(query_sum, key_sum, None if count is None else count[:, 0], scale=scale,
+                                             eps=EPS, penalty=PAD_PENALTY, interpret=interpret)
+    if count is None:
+        count = token_counts(None, *query_sum.shape[:2])
     return low_resolution(query_sum, key_sum, None, count, scale).scores

@@ -109,7 +109,7 @@ def _mra_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     mask_f = None if tokens is None else tokens.astype(jnp.float32)
 
     scale = math.sqrt(head_dim)
-    count = token_counts(mask_f, batch, n)
+    count = None if mask_f is None else token_counts(mask_f, batch, n)  # None: 32 tokens in every block
     sums = tuple(block_sums(x, mask_f) for x in ((query, key, value) if full else (query, key)))
     gpu = implementation == "pallas_gpu"
     scores = selection_scores(*sums[:2], count, scale, gpu_kernel=gpu, interpret=interpret)
