@@ -12,7 +12,9 @@ Public API:
 * :data:`BLOCK` (32 tokens), :class:`BlockLayout` / :func:`build_block_layout` — on-device CSR row/column views of a
   block selection;
 * :func:`matmul_precision` — the float32-HIGHEST / default precision rule of every matmul;
-* :func:`topk_indices` — exact, faster replacement for ``lax.top_k`` indices (same set, same tie rule).
+* :func:`topk_indices` — exact, faster replacement for ``lax.top_k`` indices (same set, same tie rule);
+* :mod:`pallas_kernels.low_resolution` — MRA's selection scores and low-resolution part as GPU kernels over the block
+  sums (no n x n array in memory).
 """
 
 from .layout import BLOCK, BlockLayout, build_block_layout

@@ -63,14 +63,21 @@ def kernel_traffic(batch: int, seq: int, heads: int, head_dim: int, num_blocks: 
     tiles, dQ 3 Q (q, dO, dQ) + the tiles, dK/dV 4 Q (k, v, dK, dV) + the tiles, the tiles being
     ``2 · pairs / n`` Q (plus their float32 lse / delta rows). Lower bound, each tile read once (a (batch, head)'s
     K/V is 2 · S · d bytes, which stays in L2 while the grid walks its query blocks): forward 4 Q, dQ 5 Q, dK/dV 6 Q.
+
+    The GPU low-resolution and selection kernels: the scores kernel writes the ``n x n`` float32 scores of every
+    (batch, head) once, the selection reads them once per pass (9 passes, a row of up to 2^16 scores from L2 in the
+    one-program kernel, from HBM in the chunked one for longer rows) and writes n·n bits; the low-resolution kernels
+    read only the block sums (n · d per (batch, head), from L2).
     """
     n = seq // 32
     q = batch * seq * heads * head_dim * itemsize
     tiles = 2 * num_blocks / n * q * (1 + 4 / (head_dim * itemsize))
+    scores = batch * heads * n * n * 4
     gib = 2**30
     return {"q_GiB": q / gib, "kernel_fwd_GiB": (2 * q + tiles) / gib, "kernel_dq_GiB": (3 * q + tiles) / gib,
             "kernel_dkv_GiB": (4 * q + tiles) / gib, "kernel_fwd_min_GiB": 4 * q / gib,
-            "kernel_dq_min_GiB": 5 * q / gib, "kernel_dkv_min_GiB": 6 * q / gib}
+            "kernel_dq_min_GiB": 5 * q / gib, "kernel_dkv_min_GiB": 6 * q / gib,
+            "scores_write_GiB": scores / gib, "selection_reads_GiB": 9 * scores / gib}
 
 
 def stages(q, k, v, num_blocks: int, backend: str) -> dict:
