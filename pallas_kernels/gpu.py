@@ -83,14 +83,19 @@ def _launch(name: str, dtype, dp: int) -> tuple[int, int, int]:
     return _LAUNCH[name, jnp.dtype(dtype) == jnp.float32, dp <= 64]
 
 
-def _call(kernel, name: str, dtype, dp: int, **kwargs):
-    """``pl.pallas_call`` with the warps and stages of the table, the Triton-backend deprecation warning (jax >= 0.11)
-    silenced locally."""
-    warps, stages, _ = _launch(name, dtype, dp)
-    params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+def triton_call(kernel, *, name: str, num_warps: int, num_stages: int = 2, **kwargs):
+    """``pl.pallas_call`` for the Triton backend with these launch settings, its deprecation warning (jax >= 0.11)
+    silenced locally; shared by every GPU kernel of the package."""
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-        return pl.pallas_call(kernel, compiler_params=params, name=f"block_sparse_attention_{name}", **kwargs)
+        return pl.pallas_call(kernel, compiler_params=params, name=name, **kwargs)
+
+
+def _call(kernel, name: str, dtype, dp: int, **kwargs):
+    """`triton_call` with the warps and stages of the table."""
+    warps, stages, _ = _launch(name, dtype, dp)
+    return triton_call(kernel, name=f"block_sparse_attention_{name}", num_warps=warps, num_stages=stages, **kwargs)
 
 
 def _over_list(start, count, chunk: int, step, init):

@@ -28,15 +28,13 @@ they run with ``interpret=True`` on CPU.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from .gpu import _dot, _pad_last, _padded_dim
+from .gpu import _dot, _pad_last, _padded_dim, triton_call
 from .layout import BLOCK
 from .numerics import matmul_precision
 
@@ -95,11 +93,8 @@ class _Problem:
             body = kernel
             args = (*args[:count_at], counts, counts, *args[count_at:])
             in_specs = [*in_specs[:count_at], *map(self.counts, count_whole), *in_specs[count_at:]]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-            return pl.pallas_call(body, grid=(self.tiles, self.b * self.h), in_specs=in_specs,
-                                  compiler_params=pltriton.CompilerParams(num_warps=self.warps, num_stages=2),
-                                  name=f"mra_low_resolution_{name}", **kwargs)(*args)
+        return triton_call(body, name=f"mra_low_resolution_{name}", num_warps=self.warps,
+                           grid=(self.tiles, self.b * self.h), in_specs=in_specs, **kwargs)(*args)
 
 
 def _tile_ids(i, tile: int):
@@ -127,7 +122,8 @@ def _weights(p, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: fl
     valid = (rows[:, None] < n) & (cols[None, :] < n)
     flat = jnp.where(valid, rows[:, None] * n + cols[None, :], 0)
     sel = (bits_ref[flat >> 5] >> (flat & 31)) & 1
-    return jnp.exp(logits - rm[:, None] - penalty * sel.astype(jnp.float32)) * c_col[None, :]
+    # past n: exactly 0 (those columns are outside the row max, so their exponent could overflow)
+    return jnp.where(valid, jnp.exp(logits - rm[:, None] - penalty * sel.astype(jnp.float32)) * c_col[None, :], 0.0)
 
 
 def _row_max(q, k_ref, c_ref, *, n: int, tile: int, tiles: int, eps: float):
@@ -170,7 +166,7 @@ def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, ep
 def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_ref, arg_ref, *, n, tile, tiles, eps,
                     inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
+    c_row = _tile_counts(crow_ref, i, tile, n)
     q = q_ref[...] / (c_row + eps)[:, None]
     rows = _tile_ids(i, tile)
     m, arg = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
@@ -190,10 +186,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_re
     arg_ref[...] = arg
 
 
+def _products_cotangent(w, du, v, dz, t, arg, cols):
+    """``scale · dp`` of a tile: through the weights ``w (du·v̂ + dz)``, plus ``t`` at each row's argmax."""
+    return w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(cols[None, :] == arg[:, None], t[:, None],
+                                                                          0.0)
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dq_ref, *, n,
                tile, tiles, eps, inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
+    c_row = _tile_counts(crow_ref, i, tile, n)
     den = (c_row + eps)[:, None]
     q = q_ref[...] / den
     rows = _tile_ids(i, tile)
@@ -205,9 +207,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, 
         cols = _tile_ids(j, tile)
         w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, cols, c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale,
                      penalty=penalty)
-        dp = w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(
-            cols[None, :] == arg[:, None], t[:, None], 0.0)
-        return dq + _dot(dp, k, (1, 0), _PRECISION)
+        return dq + _dot(_products_cotangent(w, du, v, dz, t, arg, cols), k, (1, 0), _PRECISION)
 
     dq = lax.fori_loop(0, tiles, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq * inv_scale / den
@@ -216,7 +216,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, 
 def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dk_ref,
                 dv_ref, *, n, tile, tiles, eps, inv_scale, penalty):
     j = pl.program_id(0)
-    c_col = _tile_counts(ccol_ref, pl.program_id(0), tile, n)
+    c_col = _tile_counts(ccol_ref, j, tile, n)
     den = (c_col + eps)[:, None]
     k, v = k_ref[...] / den, v_ref[...] / den
     cols = _tile_ids(j, tile)
@@ -228,13 +228,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, zr_ref, arg_ref,
         rm, arg, t, du, dz = zr_ref[rows, 1], arg_ref[rows], t_ref[rows], du_ref[rows], dz_ref[rows]
         w = _weights(_dot(q, k, (1, 1), _PRECISION), _tile_ids(i, tile), cols, c, c_col, rm, bits_ref, n=n,
                      inv_scale=inv_scale, penalty=penalty)
-        dp = w * (_dot(du, v, (1, 1), _PRECISION) + dz[:, None]) + jnp.where(
-            cols[None, :] == arg[:, None], t[:, None], 0.0)
+        dp = _products_cotangent(w, du, v, dz, t, arg, cols)
         return dk + _dot(dp, q, (0, 0), _PRECISION), dv + _dot(w, du, (0, 0), _PRECISION)
 
     dk, dv = lax.fori_loop(0, tiles, step, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
     dk_ref[...] = dk * inv_scale / den
     dv_ref[...] = dv / den
+
+
+def _check(sums, count, bits=None) -> None:
+    b, n, h, d = sums[0].shape
+    if (any(x.shape != (b, n, h, d) for x in sums) or (count is not None and count.shape != (b, n))
+            or (bits is not None and bits.shape != (b, h, -(-n * n // 32)))):
+        raise ValueError(f"expected block sums [B, n, H, d], count [B, n] and bits [B, H, ceil(n*n/32)], got "
+                         f"{[x.shape for x in sums]}, {None if count is None else count.shape}, "
+                         f"{None if bits is None else bits.shape}")
+    if n * n >= 1 << 31:
+        raise ValueError(f"{n} blocks per side: n * n pairs overflow the kernels' int32 pair indices")
 
 
 def low_resolution_output(sums, count, bits, *, scale: float, eps: float, penalty: float, interpret=False):
@@ -243,11 +253,7 @@ def low_resolution_output(sums, count, bits, *, scale: float, eps: float, penalt
     (``None``: no padding, 32 each) and the packed selection ``bits`` ``[B, H, ceil(n·n / 32)]`` uint32 (no gradient
     for these two); differentiable in ``sums``.  ``scale``: the logits' divisor; ``eps``: the means' and
     ``penalty``: the masked pairs' constants."""
-    b, n, h, d = sums[0].shape
-    if (any(x.shape != (b, n, h, d) for x in sums) or (count is not None and count.shape != (b, n))
-            or bits.shape != (b, h, -(-n * n // 32))):
-        raise ValueError(f"expected sums [B, n, H, d], count [B, n] and bits [B, H, ceil(n*n/32)], got "
-                         f"{[x.shape for x in sums]}, {None if count is None else count.shape}, {bits.shape}")
+    _check(sums, count, bits)
     count = None if count is None else lax.stop_gradient(count.astype(jnp.float32))
     return _low_resolution(tuple(x.astype(jnp.float32) for x in sums), count, lax.stop_gradient(bits), float(scale),
                            float(eps), float(penalty), interpret)
@@ -258,6 +264,7 @@ def low_resolution_scores(q_sum, k_sum, count, *, scale: float, eps: float, pena
     padding penalty (module docstring), exactly 0 at each row's max product; one Pallas GPU kernel that reads the
     block sums ``[B, n, H, d]`` and writes only the scores (no transposes, products or row max in memory).
     ``count`` as in `low_resolution_output`."""
+    _check((q_sum, k_sum), count)
     b, n, h, d = q_sum.shape
     prob = _Problem(b, n, h, d)
     q, k = (prob.pad_blocks(lax.stop_gradient(x).astype(jnp.float32)) for x in (q_sum, k_sum))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Literal
 
 import jax
@@ -49,6 +48,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from .gpu import triton_call
 
 __all__ = ["auto_method", "topk_indices", "topk_selection", "unpack_bits"]
 
@@ -256,10 +257,11 @@ def _count_pass(scores_ref, t, shift: int, first, tiles, *, tile: int, n: int):
 def _advance(t, above, total, own, shift: int, k):
     """One radix step from `_count_pass`'s counts at ``shift``, ``total`` over the row (non-increasing, ``total[0] >=
     k``) and ``own`` over some part of it: the k-th largest key's digit extends the prefix ``t``; ``above`` (of the
-    part) becomes its count of keys at or past the end of the new prefix's window (unchanged for the top digit)."""
+    part; ``own`` may be ``[parts, 16]``) becomes its count of keys at or past the end of the new prefix's window
+    (unchanged for the top digit)."""
     j = jnp.arange(total.shape[0], dtype=jnp.int32)
     digit = jnp.sum((total >= k).astype(jnp.int32)) - 1
-    above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j == digit + 1, own, 0)), above)
+    above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j == digit + 1, own, 0), axis=-1), above)
     return t + (digit << shift), above
 
 
@@ -303,10 +305,7 @@ def _radix_kernel(scores_ref, idx_ref, words_ref, *, k: int, n: int, tiles: int,
 
 
 def _call_gpu(kernel, name: str, **kwargs):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
-        return pl.pallas_call(kernel, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), name=name,
-                              **kwargs)
+    return triton_call(kernel, name=name, num_warps=4, **kwargs)
 
 
 def _radix_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
@@ -339,8 +338,8 @@ def _chunk_state(t_ref, above_ref, counts_ref, shift: int, k):
     """The radix state ``(t, above)`` of program ``(row, chunk)`` after the digit at ``shift``, rebuilt from the
     previous pass: ``t`` of the row, this chunk's ``above`` and every chunk's counts ``[chunks, 16]``."""
     counts = counts_ref[...]
-    mine = jnp.arange(counts.shape[0], dtype=jnp.int32)[:, None] == pl.program_id(1)
-    return _advance(t_ref[0], above_ref[0], jnp.sum(counts, axis=0), jnp.sum(jnp.where(mine, counts, 0), axis=0),
+    own = jnp.arange(counts.shape[0], dtype=jnp.int32)[:, None] == pl.program_id(1)
+    return _advance(t_ref[0], above_ref[0], jnp.sum(counts, axis=0), jnp.sum(jnp.where(own, counts, 0), axis=0),
                     shift, k)
 
 
@@ -360,20 +359,18 @@ def _chunk_emit_kernel(t_ref, above_ref, counts_ref, scores_ref, idx_ref, words_
     this chunk's selected indices and bits at the slots that the chunks before it fill (ties to the lowest
     indices, chunk by chunk)."""
     counts = counts_ref[...]  # [chunks, 16] at shift 0
+    t = t_ref[0]
+    threshold, above = _advance(t, above_ref[...], jnp.sum(counts, axis=0), counts, 0, k)  # above: key > T per chunk
     j = jnp.arange(counts.shape[1], dtype=jnp.int32)
-    digit = jnp.sum((jnp.sum(counts, axis=0) >= k).astype(jnp.int32)) - 1
-    at_least = jnp.sum(jnp.where(j[None, :] == digit, counts, 0), axis=1)  # key >= T, per chunk
-    above = jnp.where(digit < j.shape[0] - 1, jnp.sum(jnp.where(j[None, :] == digit + 1, counts, 0), axis=1),
-                      above_ref[...])  # key > T
-    equal = at_least - above
+    equal = jnp.sum(jnp.where(j[None, :] == threshold - t, counts, 0), axis=1) - above  # the digit's count: key >= T
     need = k - jnp.sum(above)
     c = pl.program_id(1)
     chunks = jnp.arange(counts.shape[0], dtype=jnp.int32)
     equal_before = jnp.cumsum(equal) - equal
     taken = above + jnp.clip(need - equal_before, 0, equal)
     start = (jnp.sum(jnp.where(chunks < c, taken, 0)), jnp.sum(jnp.where(chunks < c, equal, 0)))
-    threshold = (t_ref[0] + digit) ^ jnp.int32(_I32_MIN)
-    _emit(scores_ref, idx_ref, words_ref, threshold, need, c * tiles, tiles, start, tile=tile, n=n)
+    _emit(scores_ref, idx_ref, words_ref, threshold ^ jnp.int32(_I32_MIN), need, c * tiles, tiles, start, tile=tile,
+          n=n)
 
 
 def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Array, jax.Array]:
@@ -390,16 +387,16 @@ def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Ar
     width = 1 << _RADIX_BITS
     stat = jax.ShapeDtypeStruct((rows, chunks), jnp.int32)
     row = pl.BlockSpec((None, chunks * chunk), lambda r, c: (r, 0))  # the scores of the program's row
-    mine = pl.BlockSpec((None, 1), lambda r, c: (r, c))  # the program's entry of a [rows, chunks] array
-    first = pl.BlockSpec((None, 1), lambda r, c: (r, 0))
+    own_entry = pl.BlockSpec((None, 1), lambda r, c: (r, c))  # the program's entry of a [rows, chunks] array
+    row_entry = pl.BlockSpec((None, 1), lambda r, c: (r, 0))  # its row's first entry
     row_counts = pl.BlockSpec((None, chunks, width), lambda r, c: (r, 0, 0))
     state = ()  # (t, above, counts) of the previous pass
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
         state = _call_gpu(
             functools.partial(_chunk_pass_kernel, **kw, shift=shift), "topk_radix_count",
             out_shape=(stat, stat, jax.ShapeDtypeStruct((rows, chunks, width), jnp.int32)), grid=(rows, chunks),
-            in_specs=[first, mine, row_counts, row] if state else [row],
-            out_specs=(mine, mine, pl.BlockSpec((None, None, width), lambda r, c: (r, c, 0))),
+            in_specs=[row_entry, own_entry, row_counts, row] if state else [row],
+            out_specs=(own_entry, own_entry, pl.BlockSpec((None, None, width), lambda r, c: (r, c, 0))),
             interpret=interpret,
         )(*state, scores)
     idx, words = _call_gpu(
@@ -407,7 +404,7 @@ def _chunked_selection_gpu(scores: jax.Array, k: int, interpret) -> tuple[jax.Ar
         out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.int32),
                    jax.ShapeDtypeStruct((rows, chunks * chunk // 32), jnp.int32)),
         grid=(rows, chunks),
-        in_specs=[first, pl.BlockSpec((None, chunks), lambda r, c: (r, 0)), row_counts, row],
+        in_specs=[row_entry, pl.BlockSpec((None, chunks), lambda r, c: (r, 0)), row_counts, row],
         out_specs=(pl.BlockSpec((None, k), lambda r, c: (r, 0)),
                    pl.BlockSpec((None, chunk // 32), lambda r, c: (r, c))),
         interpret=interpret,
@@ -432,8 +429,9 @@ def topk_indices(scores: jax.Array, k: int, *, method: Method = "auto", interpre
     The same set as ``jax.lax.top_k(scores, k)[1]`` for every float32 input: IEEE total order (``-0.0 < +0.0``, NaNs
     at the ends by sign), ties resolved towards the lowest index. ``method``: ``"radix"`` (8 counting passes),
     ``"sampled"`` (one counting pass + small exact work; exact fallback to ``"radix"``) or ``"auto"`` (``"sampled"``
-    when ``N >= 2^16`` and ``scores.size >= 2^22``) or ``"radix_gpu"`` (``"radix"`` as one Pallas Triton kernel, for
-    GPUs; ``interpret=True`` runs it on CPU). No gradient. See the module docstring for the costs.
+    when ``N >= 2^16`` and ``scores.size >= 2^22``) or ``"radix_gpu"`` (``"radix"`` as Pallas Triton kernels, for
+    GPUs: one kernel for rows of up to 2^16 entries, 9 launches over chunks of longer rows; ``interpret=True`` runs
+    them on CPU). No gradient. See the module docstring for the costs.
     """
     return topk_selection(scores, k, method=method, interpret=interpret)[0]
 

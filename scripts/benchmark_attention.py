@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mra_jax.attention import mra_attention
 from mra_jax.attention.combination import low_resolution_output
-from mra_jax.attention.low_resolution import EPS, block_sums, selection_scores, token_counts
+from mra_jax.attention.low_resolution import EPS, block_sums, selection_scores
 from mra_jax.attention.selection import select_blocks
 from pallas_kernels import build_block_layout, merged_attention
 
@@ -86,7 +86,7 @@ def stages(q, k, v, num_blocks: int, backend: str) -> dict:
     with the merge of both parts in its epilogue (on GPUs; elsewhere the merge follows the kernel)."""
     n, scale = q.shape[1] // 32, math.sqrt(q.shape[-1])
     kernels = {"gpu": "gpu", "tpu": "tpu"}.get(backend, "reference")
-    count = token_counts(None, q.shape[0], n)
+    count = None  # no padding: 32 tokens in every block, as mra_attention passes it
 
     gpu = kernels == "gpu"  # the GPU kernels of every stage, as mra_attention uses them
 

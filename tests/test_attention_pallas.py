@@ -46,13 +46,13 @@ def test_kernels_equal_the_reference(seq, mode, dtype, dim):
 
 
 @pytest.mark.parametrize(("batch", "seq", "heads", "dim", "lengths"),
-                         [(1, 2048, 1, 64, None), (2, 200, 2, 40, (163, 71))])
+                         [(1, 2016, 1, 64, None), (2, 200, 2, 40, (163, 71))])
 def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, lengths):
-    """The GPU low-resolution kernels (several tiles of query and key blocks; padded blocks, a partial tile, a head_dim
-    padded to 64) against the jnp formulas: the selection scores (exactly 0 at each row max), and the autodiffed
-    `low_resolution_output`: values and the gradients of the block sums of every block with a token (fully padded
-    blocks' block sums reach no token; on them the row max's gradient, split between tied products by jnp.max, goes
-    to the first argmax in the kernels)."""
+    """The GPU low-resolution kernels (several tiles of query and key blocks and a partial one, with and without a
+    count array; padded blocks; a head_dim padded to 64) against the jnp formulas: the selection scores (exactly 0 at
+    each row max), and the autodiffed `low_resolution_output`: values and the gradients of the block sums of every
+    block with a token (fully padded blocks' block sums reach no token; on them the row max's gradient, split between
+    tied products by jnp.max, goes to the first argmax in the kernels)."""
     from mra_jax.attention.combination import low_resolution_output
     from mra_jax.attention.low_resolution import block_sums, selection_scores, token_counts
     from mra_jax.attention.selection import select_blocks
