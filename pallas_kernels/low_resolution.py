@@ -115,10 +115,17 @@ def _means(sum_ref, count_ref, i, tile: int, eps: float, n: int):
     return sum_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)] / (c + eps)[:, None], c
 
 
-def _weights(p, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: float, penalty: float):
-    """``w [tile, tile]`` of query blocks ``rows`` and key blocks ``cols`` from their products ``p``; 0 at key blocks
-    past ``n``."""
-    logits = p * inv_scale - _penalty(c_row, c_col, penalty)
+def _program_means(sum_refs, count_ref, i, tile: int, eps: float, n: int):
+    """The block means of the program's own tile ``i`` (refs ``[tile, dp]``), their counts and ``counts + eps``."""
+    c = _tile_counts(count_ref, i, tile, n)
+    den = (c + eps)[:, None]
+    return tuple(ref[...] / den for ref in sum_refs), c, den
+
+
+def _weights(q, k, rows, cols, c_row, c_col, rm, bits_ref, *, n: int, inv_scale: float, penalty: float):
+    """``w [tile, tile]`` of query blocks ``rows`` (means ``q``) and key blocks ``cols`` (means ``k``); 0 past
+    ``n``."""
+    logits = _dot(q, k, (1, 1), _PRECISION) * inv_scale - _penalty(c_row, c_col, penalty)
     valid = (rows[:, None] < n) & (cols[None, :] < n)
     flat = jnp.where(valid, rows[:, None] * n + cols[None, :], 0)
     sel = (bits_ref[flat >> 5] >> (flat & 31)) & 1
@@ -149,8 +156,7 @@ def _penalty(c_row, c_col, penalty: float):
 
 
 def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, eps, scale, penalty):
-    c_row = _tile_counts(crow_ref, pl.program_id(0), tile, n)
-    q = q_ref[...] / (c_row + eps)[:, None]
+    (q,), c_row, _ = _program_means((q_ref,), crow_ref, pl.program_id(0), tile, eps, n)
     pmax, _ = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
 
     def step(j, carry):
@@ -166,8 +172,7 @@ def _scores_kernel(q_ref, k_ref, crow_ref, c_ref, out_ref, *, n, tile, tiles, ep
 def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_ref, arg_ref, *, n, tile, tiles, eps,
                     inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = _tile_counts(crow_ref, i, tile, n)
-    q = q_ref[...] / (c_row + eps)[:, None]
+    (q,), c_row, _ = _program_means((q_ref,), crow_ref, i, tile, eps, n)
     rows = _tile_ids(i, tile)
     m, arg = _row_max(q, k_ref, c_ref, n=n, tile=tile, tiles=tiles, eps=eps)
     rm = m * inv_scale
@@ -176,8 +181,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, u_ref, zr_re
         u, z = carry
         k, c = _means(k_ref, c_ref, j, tile, eps, n)
         v, _ = _means(v_ref, c_ref, j, tile, eps, n)
-        w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, _tile_ids(j, tile), c_row, c, rm, bits_ref, n=n,
-                     inv_scale=inv_scale, penalty=penalty)
+        w = _weights(q, k, rows, _tile_ids(j, tile), c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale,
+                     penalty=penalty)
         return u + _dot(w, v, (1, 0), _PRECISION), z + jnp.sum(w, axis=1)
 
     u, z = lax.fori_loop(0, tiles, accumulate, (jnp.zeros(q.shape, jnp.float32), jnp.zeros((tile,), jnp.float32)))
@@ -195,9 +200,7 @@ def _products_cotangent(w, du, v, dz, t, arg, cols):
 def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dq_ref, *, n,
                tile, tiles, eps, inv_scale, penalty):
     i = pl.program_id(0)
-    c_row = _tile_counts(crow_ref, i, tile, n)
-    den = (c_row + eps)[:, None]
-    q = q_ref[...] / den
+    (q,), c_row, den = _program_means((q_ref,), crow_ref, i, tile, eps, n)
     rows = _tile_ids(i, tile)
     rm, arg, t, du, dz = zr_ref[:, 1], arg_ref[...], t_ref[...], du_ref[...], dz_ref[...]
 
@@ -205,8 +208,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, 
         k, c = _means(k_ref, c_ref, j, tile, eps, n)
         v, _ = _means(v_ref, c_ref, j, tile, eps, n)
         cols = _tile_ids(j, tile)
-        w = _weights(_dot(q, k, (1, 1), _PRECISION), rows, cols, c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale,
-                     penalty=penalty)
+        w = _weights(q, k, rows, cols, c_row, c, rm, bits_ref, n=n, inv_scale=inv_scale, penalty=penalty)
         return dq + _dot(_products_cotangent(w, du, v, dz, t, arg, cols), k, (1, 0), _PRECISION)
 
     dq = lax.fori_loop(0, tiles, step, jnp.zeros(q.shape, jnp.float32))
@@ -216,9 +218,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, crow_ref, c_ref, bits_ref, zr_ref, arg_ref, 
 def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, zr_ref, arg_ref, t_ref, du_ref, dz_ref, dk_ref,
                 dv_ref, *, n, tile, tiles, eps, inv_scale, penalty):
     j = pl.program_id(0)
-    c_col = _tile_counts(ccol_ref, j, tile, n)
-    den = (c_col + eps)[:, None]
-    k, v = k_ref[...] / den, v_ref[...] / den
+    (k, v), c_col, den = _program_means((k_ref, v_ref), ccol_ref, j, tile, eps, n)
     cols = _tile_ids(j, tile)
 
     def step(i, carry):
@@ -226,8 +226,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, c_ref, ccol_ref, bits_ref, zr_ref, arg_ref,
         q, c = _means(q_ref, c_ref, i, tile, eps, n)
         rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
         rm, arg, t, du, dz = zr_ref[rows, 1], arg_ref[rows], t_ref[rows], du_ref[rows], dz_ref[rows]
-        w = _weights(_dot(q, k, (1, 1), _PRECISION), _tile_ids(i, tile), cols, c, c_col, rm, bits_ref, n=n,
-                     inv_scale=inv_scale, penalty=penalty)
+        w = _weights(q, k, _tile_ids(i, tile), cols, c, c_col, rm, bits_ref, n=n, inv_scale=inv_scale,
+                     penalty=penalty)
         dp = _products_cotangent(w, du, v, dz, t, arg, cols)
         return dk + _dot(dp, q, (0, 0), _PRECISION), dv + _dot(w, du, (0, 0), _PRECISION)
 

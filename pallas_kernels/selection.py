@@ -236,9 +236,11 @@ _GPU_TILE = 512
 
 def _tile_keys(scores_ref, i, tile: int, n: int):
     """Tile ``i`` of a row of float32 scores as int32 keys in signed order (the uint32 key with its top bit flipped);
-    entries past ``n`` are ``INT32_MIN``."""
+    entries past ``n`` (where the row ref is padded) are ``INT32_MIN``."""
     bits = lax.bitcast_convert_type(scores_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)], jnp.int32)
     x = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    if scores_ref.shape[-1] == n:
+        return x
     return jnp.where(i * tile + jnp.arange(tile, dtype=jnp.int32) < n, x, jnp.int32(_I32_MIN))
 
 

@@ -26,26 +26,22 @@ ARGS = ["configs/pretrain/tiny.yaml", "progress_bar=false", "tensorboard=false",
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _shared_dir(tmp_path_factory, worker_id: str) -> pathlib.Path:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, worker_id) -> pathlib.Path:
     """A directory of this test session that every pytest-xdist worker sees (the workers' common temp root)."""
     root = tmp_path_factory.getbasetemp()
     return root.parent if worker_id != "master" else root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory, worker_id):
-    """One JAX compilation cache for this module's runs: the killed and the resumed run reuse the reference run's
-    programs (a run is mostly compiling; the cache changes no program)."""
-    global _CACHE
-    _CACHE = str(_shared_dir(tmp_path_factory, worker_id) / "pretrain_runs_jax_cache")
+@pytest.fixture(scope="module")
+def env(shared):
+    """The runs' environment for a number of CPU devices. One JAX compilation cache for all of them: the killed and
+    the resumed run reuse the reference run's programs (a run is mostly compiling; the cache changes no program)."""
+    def make(devices: int) -> dict[str, str]:
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
+                "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(shared / "pretrain_runs_jax_cache")}
 
-
-_CACHE = ""
-
-
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
-            "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": _CACHE}
+    return make
 
 
 def _command(out: pathlib.Path, *extra: str) -> list[str]:
@@ -68,21 +64,20 @@ def _losses(out: pathlib.Path, partial_last_line: bool = False) -> dict[int, flo
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, worker_id) -> pathlib.Path:
+def reference(shared, env) -> pathlib.Path:
     """The uninterrupted one-process run, made once per session however the tests are spread over workers."""
-    shared = _shared_dir(tmp_path_factory, worker_id)
     out = shared / "pretrain_reference"
     with FileLock(str(shared / "pretrain_reference.lock")):
         if not (out / "complete").is_file():
             shutil.rmtree(out, ignore_errors=True)
-            done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+            done = subprocess.run(_command(out), cwd=ROOT, env=env(8), capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
             assert f"checkpoint: {out / 'checkpoints' / str(STEPS)}" in done.stdout
             (out / "complete").touch()
     return out
 
 
-def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference):
+def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference, env):
     losses = _losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
     evals = [r for r in _records(reference) if "eval_loss" in r]
@@ -100,14 +95,14 @@ def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference):
     assert model.config.vocab_size <= 1000
     export = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_to_hf.py"), "--checkpoint",
                              str(reference / "checkpoints" / "30"), "--out", str(reference / "hf")], cwd=ROOT,
-                            env=_env(1), capture_output=True, text=True, timeout=300)
+                            env=env(1), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr
     assert (reference / "hf" / "model.safetensors").is_file()
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, tmp_path):
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, env, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(_command(out), cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_command(out), cwd=ROOT, env=env(8), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
@@ -126,7 +121,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, tmp_pa
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = max(_losses(out, partial_last_line=True))
     assert killed_at < STEPS
-    done = subprocess.run(_command(out), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_command(out), cwd=ROOT, env=env(8), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = request.getfixturevalue("reference")  # only now: another worker may be making it meanwhile
     assert _losses(out) == _losses(reference)  # bitwise: same data, masks and dropout after the resume
@@ -135,7 +130,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, tmp_pa
     assert not [p for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
 
 
-def test_two_processes_log_the_losses_of_one_process(request, tmp_path):
+def test_two_processes_log_the_losses_of_one_process(request, env, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -143,7 +138,7 @@ def test_two_processes_log_the_losses_of_one_process(request, tmp_path):
     processes = [subprocess.Popen(
         _command(out, f"distributed.coordinator_address=localhost:{port}", "distributed.num_processes=2",
                  f"distributed.process_id={i}", "distributed.local_device_count=4"),
-        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=600) for p in processes]
     for p, (_, err) in zip(processes, results, strict=True):
         assert p.returncode == 0, err[-3000:]

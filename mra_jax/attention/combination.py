@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mra_jax.attention.low_resolution import EPS, PAD_PENALTY, low_resolution, token_counts
+from mra_jax.attention.low_resolution import EPS, PAD_PENALTY, low_resolution
 from mra_jax.attention.selection import selected_pair_mask
 from pallas_kernels import low_resolution as kernels
 
@@ -30,11 +30,10 @@ def low_resolution_output(sums: tuple[jax.Array, jax.Array, jax.Array], aux: tup
     if gpu_kernel:
         return kernels.low_resolution_output(sums, None if count is None else count[:, 0], bits, scale=scale, eps=EPS,
                                              penalty=PAD_PENALTY, interpret=interpret)
-    if count is None:
-        count = token_counts(None, *sums[0].shape[:2])
     low = low_resolution(*sums, count, scale)
-    n = count.shape[-1]
-    weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected_pair_mask(bits, n)) * count[..., None, :]
+    count = low.token_count  # [B, 1, n]
+    weights = jnp.exp(low.logits - low.row_max - PAD_PENALTY * selected_pair_mask(bits, count.shape[-1]))
+    weights = weights * count[..., None, :]
     ones = jnp.ones((*low.value_hat.shape[:-1], 1), low.value_hat.dtype)
     uz = jnp.matmul(weights, jnp.concatenate([low.value_hat, ones], axis=-1), precision=jax.lax.Precision.HIGHEST)
     per_block = lambda x: jnp.moveaxis(x, 1, 2)  # noqa: E731  [B, H, n, ...] -> [B, n, H, ...]

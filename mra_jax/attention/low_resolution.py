@@ -55,13 +55,15 @@ def token_counts(mask: jax.Array | None, batch: int, n: int) -> jax.Array:
     return jax.lax.stop_gradient(mask.reshape(batch, 1, n, BLOCK_SIZE).sum(axis=-1))
 
 
-def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Array | None, count: jax.Array,
+def low_resolution(query_sum: jax.Array, key_sum: jax.Array, value_sum: jax.Array | None, count: jax.Array | None,
                    scale: float) -> LowResolution:
     """Block means from the `block_sums` of query/key/value (``[B, n, H, d]``; ``value_sum`` ``None`` when not
     needed) and `token_counts`, and their logits divided by ``scale``.
 
-    The means divide by ``count + 1e-6`` (HF's formula, also without padding).
+    The means divide by ``count + 1e-6`` (HF's formula, also without padding); ``count=None``: no padding.
     """
+    if count is None:
+        count = token_counts(None, *query_sum.shape[:2])
     denom = (count + EPS)[..., None]
 
     def means(x):
@@ -91,6 +93,4 @@ def selection_scores(query_sum: jax.Array, key_sum: jax.Array, count: jax.Array 
     if gpu_kernel:
         return kernels.low_resolution_scores(query_sum, key_sum, None if count is None else count[:, 0], scale=scale,
                                              eps=EPS, penalty=PAD_PENALTY, interpret=interpret)
-    if count is None:
-        count = token_counts(None, *query_sum.shape[:2])
     return low_resolution(query_sum, key_sum, None, count, scale).scores

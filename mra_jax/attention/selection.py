@@ -38,9 +38,8 @@ def select_blocks(scores: jax.Array, num_blocks: int, first_n_blocks: int = 0, d
     Returns int32 flat pair indices ``i * n + j`` (i = query block, j = key block), ``[.., num_blocks]``, in
     ascending order (the row view of the block lists as they are), and the same set as packed bits
     ``[.., ceil(n * n / 32)]`` (see `selected_pair_mask`). Ties keep the lowest flat indices, as HF's CUDA top-k
-    does. No gradient. ``gpu_kernel``: find the threshold with the Pallas GPU kernel where the radix method is used on
-    rows of up to 2^16 pairs (see `pallas_kernels.selection.auto_method`; ``interpret`` as for the attention
-    kernels).
+    does. No gradient. ``gpu_kernel``: select with the Pallas GPU kernels, for rows of any length (see
+    `pallas_kernels.selection.auto_method`; ``interpret`` as for the attention kernels).
     """
     n = scores.shape[-1]
     if not 0 < num_blocks <= n * n:
