@@ -28,7 +28,7 @@ CHECKSUMS_FILE = "checksums.json"  # sha256 of each array's bytes, written by `s
 
 
 def _sha256(value: jax.Array | np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8)).hexdigest()
 
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:

@@ -33,6 +33,8 @@ class RuntimeOptions:
       batch_axes, head_axis: mesh axes of the batch and of the heads (axes missing from the mesh are skipped).
       remat: per-layer rematerialisation: ``"none"``, ``"full"`` (save only the layer inputs) or ``"dots"`` (save
         the outputs of matmuls without batch dimensions, recompute the rest).
+      scan_layers: run the layers under one ``jax.lax.scan`` (their parameters stacked inside the call; the
+        parameter layout stays per layer): compile time independent of depth. Same results as the Python loop.
     """
 
     implementation: str | None = None
@@ -41,6 +43,7 @@ class RuntimeOptions:
     batch_axes: tuple[str, ...] = ("data", "fsdp")
     head_axis: str | None = "tensor"
     remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:

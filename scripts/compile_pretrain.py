@@ -2,8 +2,8 @@
 
     python scripts/compile_pretrain.py configs/pretrain/base-4096.yaml --topology v5e:4x4 [key=value ...]
 
-Needs libtpu (``pip install "jax[tpu]==<your jax>"``) but no
-TPU; JAX_PLATFORMS=cpu and ALLOW_MULTIPLE_LIBTPU_LOAD=1 are set unless already set. Prints the memory per chip
+Needs libtpu (``python scripts/install_libtpu.py``, found in ./.libtpu, or ``pip install "jax[tpu]==<your jax>"``)
+but no TPU; JAX_PLATFORMS=cpu and ALLOW_MULTIPLE_LIBTPU_LOAD=1 are set unless already set. Prints the memory per chip
 (arguments, outputs, temporaries, code; total against the chip's HBM), the collectives of the compiled program by
 kind, the number of Mosaic kernel calls and the compile time. Topologies: v4:AxBxC, v5e:AxB, v5p:AxBxC, v6e:AxB
 (chips = the product of the dimensions). A step over the chip's HBM is reported as not fitting (XLA:TPU may
@@ -22,9 +22,16 @@ import sys
 # where a running job may hold the TPUs and libtpu's lockfile).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# libtpu where scripts/install_libtpu.py puts it (its own directory, off sys.path), unless one is importable already.
+_LIBTPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".libtpu")
+if os.path.isdir(_LIBTPU) and _LIBTPU not in sys.path:
+    import importlib.util
 
-from mra_jax.training.aot import compile_for_topology, format_report
-from mra_jax.training.config import PretrainConfig, load_config
+    if importlib.util.find_spec("libtpu") is None:
+        sys.path.append(_LIBTPU)
+
+from mra_jax.training.aot import compile_for_topology, format_report  # noqa: E402  (after the environment)
+from mra_jax.training.config import PretrainConfig, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
     python scripts/finetune.py configs/finetune/CONFIG.yaml [key=value ...]     e.g. model=out/pretrain/checkpoints/150
 
-Started again on the same output_dir, it resumes from the latest complete checkpoint. The best checkpoint by the
-configured eval metric is kept and, with export_hf=true, written to output_dir/hf.
+Started again on the same output_dir, it resumes from the latest complete checkpoint (only steps, the logging and
+eval intervals, the mesh and a few run-time keys may change; README); --overwrite moves the old run aside
+(renamed <output_dir>.old-<UTC time>) and starts afresh. The best checkpoint by the configured eval metric is
+kept and, with export_hf=true, written to output_dir/hf.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a YAML file under configs/finetune/")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move an existing output_dir aside (renamed <output_dir>.old-<UTC time>) and start afresh")
+    args = parser.parse_intermixed_args(argv)  # --overwrite may come after the overrides
     try:
-        result = run(load_config(FinetuneConfig, args.config, args.overrides))
+        result = run(load_config(FinetuneConfig, args.config, args.overrides), overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

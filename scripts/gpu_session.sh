@@ -11,6 +11,11 @@
 # time limit. Missing packages travel as wheels in .whl (see /work/.library/device/README.md); the image's own
 # flax/jax are kept (flax 0.12.8 does not import on jax 0.11.2).
 set -u
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "gpu_session.sh: unknown argument '$1' (it takes none: choose steps with STEPS=\"...\"; --help)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-out/gpu_session}; LOGS=$(mktemp -d)/gpu_session; mkdir -p "$OUT" "$LOGS"
 STEPS=${STEPS:-"env smoke train attention golden"}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD

@@ -4,7 +4,9 @@ Usage: python scripts/init_from_roberta.py --hf-dir ROBERTA_DIR --out OUT --max-
        [--block-per-row 8] [--approx-mode full] [--initial-prior-first-n-blocks 0]
        [--initial-prior-diagonal-n-blocks 0] [--force]
 
-OUT gets config.json (MraForMaskedLM) and model.safetensors, written aside and moved into place only when complete.
+OUT gets config.json (MraForMaskedLM), model.safetensors and ROBERTA_DIR's tokenizer (tokenizer.json, built from
+vocab.json + merges.txt where it has only those), written aside and moved into place only when complete; pretraining
+from OUT uses that tokenizer.
 The encoder and MLM head are renamed; RoBERTa's learned position rows are tiled to the new length (the Longformer /
 mra-base-4096 recipe). Tensors are read one at a time (safetensors, sharded safetensors or pytorch_model.bin).
 """
@@ -12,6 +14,7 @@ mra-base-4096 recipe). Tensors are read one at a time (safetensors, sharded safe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not os.path.isfile(os.path.join(args.out, "tokenizer.json")):
+        print(f"note: {args.hf_dir} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pretraining from "
+              f"{args.out} needs data.tokenizer= the tokenizer its ids come from", file=sys.stderr)
     print(args.out)
     print(f"wrote MraForMaskedLM ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.max_position_embeddings} positions, block_per_row {config.block_per_row}, "

@@ -8,6 +8,7 @@ the environment keeps its CPU/GPU backends.  ``tests/test_tpu_compile.py`` finds
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import pathlib
 import re
@@ -27,7 +28,10 @@ def libtpu_requirement() -> str:
 
 
 def main(argv: list[str]) -> int:
-    target = pathlib.Path(argv[0]) if argv else ROOT / ".libtpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", nargs="?", default=str(ROOT / ".libtpu"),
+                        help="the directory to install into (default: .libtpu in the checkout)")
+    target = pathlib.Path(parser.parse_args(argv).dir)
     req = libtpu_requirement()
     have = [d.version for d in importlib.metadata.distributions(path=[str(target)]) if d.metadata["Name"] == "libtpu"]
     if have and re.fullmatch(req.split("==", 1)[1].replace(".", r"\.").replace("*", ".*"), have[0]):

@@ -2,7 +2,9 @@
 
     python scripts/pretrain.py configs/pretrain/tiny.yaml [key=value ...]     e.g. steps=200 mesh.fsdp=4
 
-Started again on the same output_dir, it resumes from the latest complete checkpoint.
+Started again on the same output_dir, it resumes from the latest complete checkpoint; only steps, the logging,
+eval and checkpoint intervals, the mesh and a few run-time keys may change (README). --overwrite moves the old
+run aside (renamed <output_dir>.old-<UTC time>) and starts afresh.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a YAML file under configs/pretrain/")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move an existing output_dir aside (renamed <output_dir>.old-<UTC time>) and start afresh")
+    args = parser.parse_intermixed_args(argv)  # --overwrite may come after the overrides
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        result = run(cfg)
+        result = run(cfg, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ uninterrupted run did."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -12,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 import mra_jax
 from mra_jax.training.config import load_config
@@ -276,3 +278,41 @@ def test_best_metric_the_task_does_not_report_is_refused_before_training(base_mo
     with pytest.raises(ValueError, match=r"data.bucket must be a positive multiple of 32"):
         run(load_config(FinetuneConfig, None, [*overrides, "data.bucket=48"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_changed_resume_is_refused_before_writing_anything(base_model, tmp_path):
+    from test_rundir import fake_run, snapshot
+
+    train = _write(tmp_path / "train.jsonl", _rows(64, 0))
+    overrides = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, train)
+    run_dir = fake_run(tmp_path / "run", load_config(FinetuneConfig, None, overrides), steps=(20,))
+    before = snapshot(run_dir)
+    with pytest.raises(ValueError, match=r"cannot change on resume: data\.max_seq_len 64 -> 96; data\.bucket 64 -> "
+                                         r"32; use another output_dir"):
+        run(load_config(FinetuneConfig, None, [*overrides, "data.max_seq_len=96", "data.bucket=32", "export_hf=false"]))
+    with pytest.raises(ValueError, match=r"steps=20 is not above the latest checkpoint .*\(checkpoint steps: 20\)"):
+        run(load_config(FinetuneConfig, None, [*overrides, "steps=20"]))
+    assert snapshot(run_dir) == before
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_work(base_model, tmp_path):
+    """Fine-tuning and predict.py name both sizes before reading data or writing (today: NaN probabilities)."""
+    from mra_jax.training import predict as predict_lib
+
+    big = tmp_path / "big.json"
+    load_or_train_tokenizer(DataConfig(vocab_size=1000), [r["text"] for r in _rows(400, 3)] * 3).save(str(big))
+    size = max(Tokenizer.from_file(str(big)).get_vocab(with_added_tokens=True).values()) + 1
+    vocab = mra_jax.MraConfig.from_pretrained(base_model).vocab_size
+    assert size > vocab
+    message = rf"the tokenizer \(tokenizer {big}\) does not fit the model .*: it has {size} ids, the model's " \
+              rf"vocabulary {vocab}"
+    train = _write(tmp_path / "train.jsonl", _rows(32, 0))
+    overrides = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, train)
+    with pytest.raises(ValueError, match=message):
+        run(load_config(FinetuneConfig, None, [*overrides, f"tokenizer={big}"]))
+    assert not (tmp_path / "run").exists()
+    classifier = tmp_path / "clf"
+    config = dataclasses.replace(mra_jax.MraConfig.from_pretrained(base_model), id2label={0: "no", 1: "yes"})
+    mra_jax.MraForSequenceClassification(config, rngs=nnx.Rngs(0)).save_pretrained(classifier, format="hf")
+    with pytest.raises(ValueError, match=message):
+        predict_lib.Predictor(classifier, tokenizer=str(big))

@@ -190,3 +190,30 @@ def test_cli_reports_a_missing_hf_dir_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and "absent" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tokenizer_goes_with_the_weights(roberta, tmp_path):
+    """vocab.json + merges.txt become a tokenizer.json that gives transformers' ids; a tokenizer.json is copied."""
+    from tokenizers import Tokenizer
+
+    from mra_jax.training import corpus
+    from mra_jax.training.data import train_tokenizer
+
+    docs = corpus.generate(40, seed=4)
+    model = json.loads(train_tokenizer(docs, 300).to_str())["model"]
+    src = tmp_path / "roberta"
+    src.mkdir()
+    for f in roberta[1].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (src / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in model["merges"]))
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    mra_from_roberta(src, tmp_path / "out", max_position_embeddings=NEW_POSITIONS)
+    ours = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(src))
+    for text in [*docs[:20], " leading space", "two  spaces"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+    assert (tmp_path / "out" / "vocab.json").read_text() == (src / "vocab.json").read_text()
+    (tmp_path / "out" / "tokenizer.json").rename(src / "tokenizer.json")
+    mra_from_roberta(src, tmp_path / "out2", max_position_embeddings=NEW_POSITIONS)
+    assert (tmp_path / "out2" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

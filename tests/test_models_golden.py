@@ -35,15 +35,17 @@ def test_outputs_through_the_pallas_kernels_match_hf(case, family):
     assert worst(err for _, err, _ in rows) < 1e-4, rows
 
 
-@pytest.mark.parametrize(("case", "implementation"), [("model_masked_lm", None),
-                                                      ("model_sequence_classification", None),
-                                                      ("model_sequence_classification", "pallas_tpu")])
-def test_parameter_gradients_match_hf(case, implementation):
+@pytest.mark.parametrize(("case", "implementation", "scan_layers"), [("model_masked_lm", None, False),
+                                                                     ("model_masked_lm", None, True),
+                                                                     ("model_sequence_classification", None, False),
+                                                                     ("model_sequence_classification", "pallas_tpu",
+                                                                      False)])
+def test_parameter_gradients_match_hf(case, implementation, scan_layers):
     from mra_jax.options import RuntimeOptions
 
     z = np.load(GOLDEN / case / "golden_io.npz")
     model = mra_jax.model_class(mra_jax.MraConfig.from_pretrained(GOLDEN / case)).from_pretrained(
-        GOLDEN / case, options=RuntimeOptions(implementation=implementation))
+        GOLDEN / case, options=RuntimeOptions(implementation=implementation, scan_layers=scan_layers))
     graphdef, params = nnx.split(model, nnx.Param)
     inputs = {k: jnp.asarray(z[k]) for k in z.files if not k.startswith(("out_", "grad/"))}
     grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(**inputs).loss))(params)

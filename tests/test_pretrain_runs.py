@@ -1,12 +1,13 @@
 """scripts/pretrain.py end to end, in subprocesses on 8 fake CPU devices: the loss falls, a run killed with SIGKILL
-resumes to exactly the uninterrupted run's losses, and a two-process run (jax.distributed over localhost, 4 devices
-each) logs the same losses as the one-process run."""
+resumes to exactly the uninterrupted run's losses, a checkpoint resumed on another mesh continues them, and a
+two-process run (jax.distributed over localhost, 4 devices each) logs the same losses as the one-process run."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -148,3 +149,26 @@ def test_two_processes_log_the_losses_of_one_process(request, env, tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5)
     assert sorted(p.name for p in (out / "checkpoints" / "30" / "data").iterdir() if p.suffix == ".json") == [
         "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_resume_on_another_mesh_continues_the_uninterrupted_losses(request, env, tmp_path):
+    """The reference run's step-20 checkpoint (mesh.data=2 mesh.fsdp=4) resumed on mesh.data=4 mesh.fsdp=2: restored
+    resharded, with the same `steps` (hence learning-rate schedule), it logs the uninterrupted run's losses."""
+    reference = request.getfixturevalue("reference")
+    out = tmp_path / "resharded"
+    shutil.copytree(reference, out, ignore=lambda d, names: [n for n in names if n in ("complete", "hf")
+                                                             or (d.endswith("checkpoints") and n == str(STEPS))])
+    first_config = (out / "config.yaml").read_text()
+    done = subprocess.run(_command(out, "mesh.data=4", "mesh.fsdp=2"), cwd=ROOT, env=env(8), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {out} from step 20 (checkpoint steps: 20)" in done.stdout
+    assert re.search(r"^step 30: train loss \d+\.\d{4}, eval loss \d+\.\d{4} \(eval_accuracy", done.stdout, re.M)
+    got, want = _losses(out), _losses(reference)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5)
+    (got_eval,), (want_eval,) = ([r["eval_loss"] for r in _records(run) if r["step"] == STEPS and "eval_loss" in r]
+                                 for run in (out, reference))
+    np.testing.assert_allclose(got_eval, want_eval, rtol=2e-5)
+    assert (out / "config.yaml").read_text() == first_config  # each start's config is kept
+    assert "mesh:\n  data: 4\n  fsdp: 2" in (out / "config.2.yaml").read_text()

@@ -193,7 +193,32 @@ def _tiny(tmp_path, *overrides):
 def test_bad_configs_are_refused_before_any_compilation(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         run(_tiny(tmp_path, *overrides))
-    assert not (tmp_path / "checkpoints").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing at all was written
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("b1", 2.0, r"optimizer\.b1 must be in \[0, 1\), got 2\.0"),
+    ("b2", 1.0, r"optimizer\.b2 must be in \[0, 1\), got 1\.0"),
+    ("eps", -1.0, r"optimizer\.eps must be positive, got -1\.0"),
+    ("eps", 0.0, r"optimizer\.eps must be positive"),
+    ("weight_decay", -5.0, r"optimizer\.weight_decay must be non-negative and finite, got -5\.0"),
+    ("end_learning_rate", 1.0, r"optimizer\.end_learning_rate must be in \[0, learning_rate=0\.0005\]"),
+    ("learning_rate", float("inf"), r"optimizer\.learning_rate|end_learning_rate"),
+])
+def test_optimizer_settings_outside_their_domain_are_refused(field, value, message):
+    cfg = dataclasses.replace(optim.OptimizerConfig(), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate(1000)
+    optim.OptimizerConfig().validate(1000)  # the defaults pass
+
+
+def test_string_fields_keep_the_text_given():
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml",
+                      ["output_dir=0123", "data.tokenizer=on", "model=1e3", "attention=null", "steps=7",
+                       "data.text_field='body'", "data.train_files=[a.txt,b.jsonl]"])
+    assert (cfg.output_dir, cfg.data.tokenizer, cfg.model, cfg.attention, cfg.steps, cfg.data.text_field) == (
+        "0123", "on", "1e3", None, 7, "body")
+    assert cfg.data.train_files == ["a.txt", "b.jsonl"]
 
 
 def test_unknown_keys_and_wrong_types_are_refused():
@@ -222,6 +247,18 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["step"] < bad for r in logged if "loss" in r)
     restored = mra_jax.MraForMaskedLM.from_pretrained(tmp_path / "checkpoints" / str(max(steps)))
     assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(nnx.state(restored)))
+
+
+def test_nan_guard_sees_an_update_that_makes_the_state_non_finite(tmp_path):
+    # A learning rate past float32's range: step 1's loss and gradient norm are finite, its update is not.
+    cfg = _tiny(tmp_path, "steps=3", "checkpoint_every=1", "log_every=1", "eval_every=1", "mesh.data=8",
+                "optimizer.learning_rate=1e39", "optimizer.warmup_steps=0", "attention=dense")
+    with pytest.raises(NonFiniteError, match=r"step 1: the parameters or optimizer state after the update are not "
+                                             r"finite \(loss \d"):
+        run(cfg)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    metrics = tmp_path / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -281,6 +318,40 @@ def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(t
     with pytest.raises(ValueError, match=r"ckpt/2 is corrupted: the content of \['params'\]\['b'\], "
                                          r"\['params'\]\['w'\] differs from the checksums"):
         restore(2)
+    ckpts.close()
+
+
+def test_checksums_are_hashed_in_the_background_before_the_step_commits(tmp_path, monkeypatch):
+    """`save` returns while the hashing is held up, the arrays may then be deleted (as a donating step does), and
+    the step is committed only once its checksums, those of the saved values, are written."""
+    import threading
+
+    import grain
+
+    from mra_jax.training import checkpointing
+
+    release, hashing = threading.Event(), []
+    sha256 = checkpointing._sha256
+
+    def held(value):
+        hashing.append(threading.current_thread())
+        release.wait(60)
+        return sha256(value)
+
+    tiny = mra_jax.MraConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                             intermediate_size=8, max_position_embeddings=64)
+    params = {"w": jnp.arange(64.0).reshape(16, 4)}
+    state = step_lib.TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=optax.sgd(1.0).init(params))
+    expected = checkpointing.shard_checksums({"params": params, "opt_state": state.opt_state})
+    monkeypatch.setattr(checkpointing, "_sha256", held)
+    ckpts = checkpointing.TrainCheckpoints(tmp_path)
+    ckpts.save(state, iter(grain.MapDataset.range(4).to_iter_dataset()), tiny, {"seed": 0})
+    params["w"].delete()
+    assert not (tmp_path / "1").exists()
+    release.set()
+    ckpts.wait()
+    assert hashing and threading.main_thread() not in hashing
+    assert json.loads((tmp_path / "1" / "checksums" / "metadata").read_text()) == expected
     ckpts.close()
 
 

@@ -13,14 +13,15 @@ import pytest
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from mra_jax.training import corpus
+from mra_jax.training import corpus, store
 from mra_jax.training.data import (
     DataConfig,
     SpecialTokens,
     eval_batches,
     load_or_train_tokenizer,
+    open_sequences,
     pack,
-    prepare,
+    prepare_text_files,
     read_documents,
     special_tokens,
     train_iterator,
@@ -97,13 +98,13 @@ def test_read_documents(tmp_path):
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("missing.txt", None, r"missing\.txt: file not found"),
     ("empty.txt", "\n  \n", r"empty\.txt: no documents"),
-    ("empty.jsonl", "", r"empty\.jsonl: no documents"),
+    ("empty.jsonl", "", r"empty\.jsonl: empty file"),
     ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', r"bad\.jsonl:3: invalid JSON"),
     ("field.jsonl", '{"text": "a"}\n{"body": "b"}\n', r"field\.jsonl:2: missing field 'text'"),
     ("type.jsonl", '{"text": "a"}\n\n{"text": 5}\n', r"type\.jsonl:3: field 'text' is int, expected a string"),
     ("list.jsonl", '["a"]\n', r"list\.jsonl:1: expected a JSON object"),
     ("utf.txt", b"ok\n\xff\xfe\n", r"utf\.txt:2: invalid UTF-8"),
-    ("seqs.npy", "", r"seqs\.npy: unsupported document file type"),
+    ("seqs.npy", "", r"seqs\.npy: unsupported input type"),
 ])
 def test_read_documents_errors(tmp_path, name, content, message):
     path = tmp_path / name
@@ -182,35 +183,58 @@ def test_pack_hand_checked():
 # --------------------------------------------------------------------------------------------------- prepare
 
 
-def test_prepare_txt_jsonl_npy(tmp_path, tok, docs):
+def _open(cfg: DataConfig, tok: Tokenizer, out: pathlib.Path):
+    return open_sequences(cfg, prepare_text_files(cfg, out, tok), special_tokens(tok))
+
+
+def _all(rows) -> np.ndarray:
+    return np.stack([rows[i] for i in range(len(rows))])
+
+
+def test_sequences_of_text_and_npy_files(tmp_path, tok, docs):
     txt = _write(tmp_path / "c.txt", "\n".join(docs) + "\n")
     jsonl = _write(tmp_path / "c.jsonl", "".join(json.dumps({"body": d}) + "\n" for d in docs))
-    cfg = DataConfig(train_files=[txt], seq_len=64, batch_size=4, eval_fraction=0.1)
-    train, evals = prepare(cfg, tok)
+    cfg = DataConfig(train_files=[txt], seq_len=64, batch_size=4, eval_fraction=0.1, shuffle_seed=3)
+    train, evals = _open(cfg, tok, tmp_path / "s1")
+    held = [store.in_eval(d, 0.1, 3) for d in docs]
+    assert 0 < sum(held) < len(docs)
     ids = [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
+    # documents held out by their hash, each side packed in order
+    kept = [i for i, h in zip(ids, held, strict=True) if not h]
+    np.testing.assert_array_equal(_all(train), pack(kept, 64, special_tokens(tok)))
+    np.testing.assert_array_equal(_all(evals), pack([i for i, h in zip(ids, held, strict=True) if h], 64,
+                                                    special_tokens(tok)))
+    assert _all(train).dtype == _all(evals).dtype == np.int32
+
+    train_j, evals_j = _open(DataConfig(train_files=[jsonl], text_field="body", seq_len=64, batch_size=4,
+                                        eval_fraction=0.1, shuffle_seed=3), tok, tmp_path / "s2")
+    np.testing.assert_array_equal(_all(train_j), _all(train))
+    np.testing.assert_array_equal(_all(evals_j), _all(evals))
+
+    # .npy inputs are used as is (memory-mapped); eval_files replaces the held-out documents
     full = pack(ids, 64, special_tokens(tok))
-    n_eval = round(len(full) * 0.1)
-    np.testing.assert_array_equal(train, full[:-n_eval])
-    np.testing.assert_array_equal(evals, full[-n_eval:])  # the last fraction, unshuffled
-    assert train.dtype == evals.dtype == np.int32
-
-    train_j, evals_j = prepare(DataConfig(train_files=[jsonl], text_field="body", seq_len=64, batch_size=4,
-                                          eval_fraction=0.1), tok)
-    np.testing.assert_array_equal(train_j, train)
-    np.testing.assert_array_equal(evals_j, evals)
-
-    # .npy inputs are used as is; eval_files replaces the held-out fraction
     np.save(tmp_path / "train.npy", full.astype(np.int64))
     np.save(tmp_path / "eval.npy", full[:3])
-    train_n, evals_n = prepare(DataConfig(train_files=[str(tmp_path / "train.npy")],
-                                          eval_files=[str(tmp_path / "eval.npy")], seq_len=64, batch_size=4), tok)
-    np.testing.assert_array_equal(train_n, full)
-    np.testing.assert_array_equal(evals_n, full[:3])
-    assert train_n.dtype == np.int32
-    # text and .npy files mixed, in order
-    train_m, _ = prepare(DataConfig(train_files=[str(tmp_path / "eval.npy"), txt], eval_files=[txt], seq_len=64,
-                                    batch_size=4), tok)
-    np.testing.assert_array_equal(train_m, np.concatenate([full[:3], full]))
+    train_n, evals_n = _open(DataConfig(train_files=[str(tmp_path / "train.npy")],
+                                        eval_files=[str(tmp_path / "eval.npy")], seq_len=64, batch_size=4), tok,
+                             tmp_path / "s3")
+    assert isinstance(train_n.sources[0].array, np.memmap)
+    np.testing.assert_array_equal(_all(train_n), full)
+    np.testing.assert_array_equal(_all(evals_n), full[:3])
+    # without eval_files, every round(1 / eval_fraction)-th row of a .npy input is held out
+    train_h, evals_h = _open(DataConfig(train_files=[str(tmp_path / "train.npy")], seq_len=64, batch_size=4,
+                                        eval_fraction=0.25), tok, tmp_path / "s4")
+    np.testing.assert_array_equal(_all(evals_h), full[3::4])
+    np.testing.assert_array_equal(_all(train_h), np.delete(full, np.s_[3::4], axis=0))
+    # text and .npy files mixed: the text files' sequences first, then the .npy rows in order
+    train_m, evals_m = _open(DataConfig(train_files=[str(tmp_path / "eval.npy"), txt], eval_files=[txt], seq_len=64,
+                                        batch_size=4), tok, tmp_path / "s5")
+    np.testing.assert_array_equal(_all(train_m), np.concatenate([full, full[:3]]))
+    np.testing.assert_array_equal(_all(evals_m), full)
+    # prepared once: a second call reuses the store as it is
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "s1").rglob("*"))
+    _open(cfg, tok, tmp_path / "s1")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "s1").rglob("*")) == before
 
 
 @pytest.mark.parametrize(("array", "message"), [
@@ -220,20 +244,28 @@ def test_prepare_txt_jsonl_npy(tmp_path, tok, docs):
     (np.full((4, 64), 10**6, np.int32), "outside"),
     (np.zeros((0, 64), np.int32), "no sequences"),
 ])
-def test_prepare_npy_validation(tmp_path, tok, array, message):
+def test_npy_validation(tmp_path, tok, array, message):
     np.save(tmp_path / "x.npy", array)
     with pytest.raises(ValueError, match=r"x\.npy: .*" + re.escape(message)):
-        prepare(DataConfig(train_files=[str(tmp_path / "x.npy")], seq_len=64, batch_size=1), tok)
+        _open(DataConfig(train_files=[str(tmp_path / "x.npy")], seq_len=64, batch_size=1), tok, tmp_path / "s")
 
 
-def test_prepare_too_little_data(tmp_path, tok, docs):
+def test_npy_rows_checked_as_read(tmp_path, tok):
+    rows = np.zeros((5, 8), np.int32)
+    rows[2, 3] = 10**6
+    np.save(tmp_path / "x.npy", rows)
+    train, _ = _open(DataConfig(train_files=[str(tmp_path / "x.npy")], seq_len=8, batch_size=1,
+                                eval_fraction=0.2), tok, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"x\.npy: row 2: token ids span \[0, 1000000\]"):
+        train[2]
+
+
+def test_too_little_data(tmp_path, tok, docs):
     txt = _write(tmp_path / "small.txt", "\n".join(docs[:5]) + "\n")
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        prepare(DataConfig(train_files=[txt], seq_len=64, batch_size=64), tok)
+        _open(DataConfig(train_files=[txt], seq_len=64, batch_size=64), tok, tmp_path / "a")
     with pytest.raises(ValueError, match="no eval sequences"):
-        prepare(DataConfig(train_files=[txt], seq_len=64, batch_size=1, eval_fraction=0.0), tok)
-    with pytest.raises(ValueError, match="train_files is empty"):
-        prepare(DataConfig(), tok)
+        _open(DataConfig(train_files=[txt], seq_len=64, batch_size=1, eval_fraction=0.0), tok, tmp_path / "b")
 
 
 # --------------------------------------------------------------------------------------------------- iterators

@@ -7,7 +7,10 @@ an MRA model whose block budget covers every block pair computes what the RoBERT
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -220,4 +223,37 @@ def mra_from_roberta(hf_dir: str | os.PathLike, out: str | os.PathLike, *, max_p
     with atomic_directory(out, force=force) as tmp:
         config.save_pretrained(tmp)
         save_file(state, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        copy_tokenizer(hf_dir, tmp)
     return config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
+def copy_tokenizer(hf_dir: str | os.PathLike, out: str | os.PathLike) -> str | None:
+    """Copy the tokenizer files of ``hf_dir`` into ``out``; without a ``tokenizer.json``, write one from
+    ``vocab.json`` + ``merges.txt`` (RoBERTa's byte-level BPE, as transformers converts it). Returns the name of
+    the tokenizer file written, or ``None`` where ``hf_dir`` has no tokenizer."""
+    src, dst = pathlib.Path(hf_dir), pathlib.Path(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    if (dst / "tokenizer.json").is_file():
+        return "tokenizer.json"
+    if not ((src / "vocab.json").is_file() and (src / "merges.txt").is_file()):
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors  # (the train extra)
+
+    options = json.loads((src / "tokenizer_config.json").read_text()) if (
+        src / "tokenizer_config.json").is_file() else {}
+    prefix = bool(options.get("add_prefix_space", False))
+    tok = Tokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")]
+                           + [AddedToken("<mask>", lstrip=True, special=True)])
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")), trim_offsets=True,
+                                                      add_prefix_space=prefix)
+    tok.save(str(dst / "tokenizer.json"))
+    return "tokenizer.json (from vocab.json and merges.txt)"

@@ -114,7 +114,12 @@ class MraLayer(nnx.Module):
 
 
 class MraEncoder(nnx.Module):
-    """The layers; each is rematerialised in the backward pass as ``options.remat`` says."""
+    """The layers; each is rematerialised in the backward pass as ``options.remat`` says.
+
+    With ``options.scan_layers`` they run under one ``jax.lax.scan`` over their parameters, stacked inside the call
+    (compile time independent of depth; the parameters stay per layer at ``encoder/layer/<i>``). Both paths compute
+    the same: layer ``i`` draws its dropout from ``fold_in(key, i)``, ``key`` drawn once from ``rngs``.
+    """
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32, options: RuntimeOptions | None = None):
@@ -124,17 +129,35 @@ class MraEncoder(nnx.Module):
         self.options = options
 
     def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Returns the last hidden state and all hidden states (embeddings output first)."""
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False,
+                 ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+        """Returns the last hidden state and, if ``output_hidden_states``, all hidden states (embeddings output
+        first)."""
         options = self.options
+        key = None if deterministic or rngs is None else rngs.dropout()
 
-        def run(layer: MraLayer, hidden: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-            return options.constrain_batch(layer(hidden, mask, deterministic, rngs))
+        def run(layer: MraLayer, hidden: jax.Array, index: jax.Array | int) -> jax.Array:
+            layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, index))
+            return options.constrain_batch(layer(hidden, attention_mask, deterministic, layer_rngs))
 
         if options.remat != "none":
             run = nnx.remat(run, policy=options.remat_policy())
-        all_hidden = [hidden_states]
-        for layer in self.layer:
-            hidden_states = run(layer, hidden_states, attention_mask, rngs)
-            all_hidden.append(hidden_states)
-        return hidden_states, tuple(all_hidden)
+        if not options.scan_layers:
+            all_hidden = [hidden_states]
+            for index, layer in enumerate(self.layer):
+                hidden_states = run(layer, hidden_states, index)
+                all_hidden.append(hidden_states)
+            return hidden_states, tuple(all_hidden) if output_hidden_states else None
+
+        graphdef = nnx.graphdef(self.layer[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in self.layer))
+
+        def body(hidden: jax.Array, xs: tuple[jax.Array, nnx.State]) -> tuple[jax.Array, jax.Array | None]:
+            index, state = xs
+            hidden = run(nnx.merge(graphdef, state), hidden, index)
+            return hidden, hidden if output_hidden_states else None
+
+        last, ys = jax.lax.scan(body, hidden_states, (jnp.arange(len(self.layer)), stacked))
+        if not output_hidden_states:
+            return last, None
+        return last, (hidden_states, *(ys[i] for i in range(len(self.layer))))

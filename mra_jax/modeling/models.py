@@ -248,8 +248,9 @@ class MraModel(MraPreTrainedModel):
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds,
                                  deterministic=deterministic, rngs=rngs)
         hidden = self.options.constrain_batch(hidden)
-        last, all_hidden = self.encoder(hidden, attention_mask, deterministic=deterministic, rngs=rngs)
-        return MraModelOutput(last_hidden_state=last, hidden_states=all_hidden if output_hidden_states else None)
+        last, all_hidden = self.encoder(hidden, attention_mask, deterministic=deterministic, rngs=rngs,
+                                        output_hidden_states=output_hidden_states)
+        return MraModelOutput(last_hidden_state=last, hidden_states=all_hidden)
 
 
 class _MraWithHead(MraPreTrainedModel):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from mra_jax.configuration import MraConfig
 from mra_jax.sharding import RULES, make_mesh
 from mra_jax.training import data as data_lib
+from mra_jax.training import store
 from mra_jax.training.config import PretrainConfig
 from mra_jax.training.pretrain import build_pretraining, model_config_for, validate
 
@@ -100,11 +101,15 @@ def _mesh(cfg: PretrainConfig, devices: Sequence[jax.Device]):
 def _special_and_config(cfg: PretrainConfig) -> tuple[data_lib.SpecialTokens, MraConfig, str]:
     """Special ids, the model config (as training would build it) and where the vocabulary size came from.
 
-    With ``data.tokenizer`` (an existing file), the tokenizer sizes the vocabulary as in training; otherwise the
-    model config's ``vocab_size`` and special ids are used as they are (``<mask>`` = the last id, as RoBERTa's).
+    With ``data.prepared`` (a token store) or ``data.tokenizer`` (an existing file), that tokenizer sizes the
+    vocabulary as in training; otherwise the model config's ``vocab_size`` and special ids are used as they are
+    (``<mask>`` = the last id, as RoBERTa's).
     """
-    if cfg.data.tokenizer and os.path.isfile(cfg.data.tokenizer):
-        special = data_lib.special_tokens(data_lib.load_or_train_tokenizer(cfg.data, []))
+    if cfg.data.prepared and store.is_store(cfg.data.prepared):
+        special = data_lib.special_tokens(store.TokenStore(cfg.data.prepared).tokenizer())
+        source = f"the token store {cfg.data.prepared}"
+    elif cfg.data.tokenizer and os.path.isfile(cfg.data.tokenizer):
+        special = data_lib.special_tokens(data_lib.load_tokenizer(cfg.data.tokenizer))
         source = f"tokenizer {cfg.data.tokenizer}"
     else:
         base = MraConfig.from_pretrained(cfg.model)
@@ -119,7 +124,7 @@ def _special_and_config(cfg: PretrainConfig) -> tuple[data_lib.SpecialTokens, Mr
         source = f"model config {cfg.model}"
         if cfg.data.tokenizer:
             source += f"; data.tokenizer {cfg.data.tokenizer} not found"
-    config, _ = model_config_for(cfg, special)
+    config, _ = model_config_for(cfg, special, source)
     return special, config, source
 
 

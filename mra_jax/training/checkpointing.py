@@ -5,12 +5,15 @@ Layout of ``<output_dir>/checkpoints/<step>/``: ``params/`` (the same PyTree as 
 directory loads with ``MraForMaskedLM.from_pretrained`` and ``scripts/export_to_hf.py``), ``opt_state/``,
 ``data/`` (grain iterator state, one file per process), ``meta/`` (step, seed), ``model_config/`` (HF's
 config.json) and ``checksums/`` (sha256 of every array shard of ``params`` and ``opt_state``, by array and the
-shard's global slice, as the primary process held them; verified on restore wherever the restoring process holds
-the same slice, so that bytes that changed on disk but still decode are refused).
+shard's global slice, as the primary process held them; hashed in the save's background work, which the step's
+commit waits for; verified on restore wherever the restoring process holds the same slice, so that bytes that
+changed on disk but still decode are refused).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 from typing import Any
@@ -19,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from mra_jax.checkpoint import _flatten, _nest, _sha256
@@ -29,23 +33,76 @@ MODEL_CONFIG_ITEM = "model_config"
 CHECKSUMS_ITEM = "checksums"
 
 
-def shard_checksums(tree: Any) -> dict[str, dict[str, str]]:
-    """sha256 of the bytes of each addressable shard of every array in ``tree``: ``{array path: {global slice:
-    digest}}`` (replicas of one slice are hashed once)."""
+def _addressable_shards(tree: Any) -> dict[str, dict[str, jax.Array | np.ndarray]]:
+    """The addressable shards of every array in ``tree``: ``{array path: {global slice: shard data}}`` (one replica
+    per slice)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not isinstance(leaf, jax.Array | np.ndarray):
             continue
         shards = leaf.addressable_shards if isinstance(leaf, jax.Array) else []
-        parts = [(shard.index, shard.data) for shard in shards] or [((), leaf)]
-        sums = {}
-        for index, data in parts:
+        parts = {}
+        for index, data in [(shard.index, shard.data) for shard in shards] or [((), leaf)]:
             where = ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}"
                              for s, dim in zip(index, leaf.shape, strict=False))
-            if where not in sums:
-                sums[where] = _sha256(data)
-        out[jax.tree_util.keystr(path)] = sums
+            parts.setdefault(where, data)
+        out[jax.tree_util.keystr(path)] = parts
     return out
+
+
+def _digests(shards: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    return {name: {where: _sha256(data) for where, data in parts.items()} for name, parts in shards.items()}
+
+
+def shard_checksums(tree: Any) -> dict[str, dict[str, str]]:
+    """sha256 of the bytes of each addressable shard of every array in ``tree``: ``{array path: {global slice:
+    digest}}`` (replicas of one slice are hashed once)."""
+    return _digests(_addressable_shards(tree))
+
+
+class ChecksumsHandler(ocp.AsyncCheckpointHandler):
+    """Orbax item handler writing `shard_checksums` of a tree, as ``ocp.args.JsonSave`` would (file ``metadata``),
+    on the primary process. `async_save` takes the shards to host memory (the train step may donate the arrays
+    next) and hashes them in Orbax's background commit, which the step's commit waits for: a committed step always
+    has its checksums, and the training thread does not hash."""
+
+    FILE = "metadata"
+
+    async def async_save(self, directory: epath.Path, args: ChecksumsSave) -> list[ocp.future.Future]:
+        if jax.process_index() != 0:
+            return []
+        shards = _addressable_shards(args.tree)
+        for data in (d for parts in shards.values() for d in parts.values() if isinstance(d, jax.Array)):
+            data.copy_to_host_async()
+        # As Orbax's own transfer: a host copy on accelerators; on CPU a view, which keeps the buffer alive (a
+        # donating step then allocates a new one).
+        host = {name: {where: np.asarray(data) for where, data in parts.items()} for name, parts in shards.items()}
+
+        async def write() -> None:
+            (directory / self.FILE).write_text(json.dumps(_digests(host)))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="checksums")]
+
+    def save(self, directory: epath.Path, args: ChecksumsSave) -> None:
+        if jax.process_index() == 0:
+            (directory / self.FILE).write_text(json.dumps(shard_checksums(args.tree)))
+
+    def restore(self, directory: epath.Path, args: ChecksumsRestore | None = None) -> dict[str, dict[str, str]]:
+        return json.loads((directory / self.FILE).read_text())
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumsSave(ocp.args.CheckpointArgs):
+    """Save the checksums of the shards of ``tree``'s arrays."""
+
+    tree: Any
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class ChecksumsRestore(ocp.args.CheckpointArgs):
+    """Read the recorded checksums."""
 
 
 def params_tree(params) -> dict:
@@ -87,7 +144,8 @@ class TrainCheckpoints:
 
     def save(self, state: TrainState, data_iterator: Any, config: MraConfig, meta: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
-        """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied)."""
+        """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied to host memory;
+        writing and hashing continue in the background)."""
         step = int(jax.device_get(state.step))
         params = params_tree(state.params)
         args = ocp.args.Composite(
@@ -96,7 +154,7 @@ class TrainCheckpoints:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({**meta, "step": step}),
             **{MODEL_CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
-               CHECKSUMS_ITEM: ocp.args.JsonSave(shard_checksums({"params": params, "opt_state": state.opt_state}))})
+               CHECKSUMS_ITEM: ChecksumsSave({"params": params, "opt_state": state.opt_state})})
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState,
@@ -113,7 +171,7 @@ class TrainCheckpoints:
             opt_state=ocp.args.StandardRestore(opt_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore(),
-            **({CHECKSUMS_ITEM: ocp.args.JsonRestore()} if checked else {})))
+            **({CHECKSUMS_ITEM: ChecksumsRestore()} if checked else {})))
         if checked:
             self._verify(step, dict(restored[CHECKSUMS_ITEM]),
                          shard_checksums({"params": restored.params, "opt_state": restored.opt_state}))

@@ -4,7 +4,10 @@ unknown keys and wrong types are refused, with the full key and a suggestion, be
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, Optional, TypeVar
@@ -53,6 +56,7 @@ class PretrainConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 or float32); parameters stay float32
     attention: Optional[str] = None  # noqa: UP045  None (best for the platform), reference, pallas, dense
     remat: str = "none"  # none, full, dots
+    scan_layers: bool = True  # the layers under one scan: compile time independent of depth (same results)
     mlm_probability: float = 0.15
     tensorboard: bool = True
     progress_bar: bool = True
@@ -94,11 +98,27 @@ def load_config(schema: type[T], path: str | os.PathLike | None, overrides: Sequ
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_keep_text(schema, item) for item in overrides]))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         where = f" in {path}" if path else ""
         raise ValueError(f"invalid configuration{where}: {' '.join(str(e).split())}") from e
+
+
+def _keep_text(schema: type, item: str) -> str:
+    """``key=value`` with the value quoted where ``key`` is a string field, so that YAML does not read the text as
+    another type (``output_dir=0123`` stays "0123", not 83; ``on`` stays "on", not True); ``null`` stays null."""
+    key, value = item.split("=", 1)
+    kind: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(kind):
+            return item
+        kind = typing.get_type_hints(kind).get(part)
+    text = kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(kind)) == {str, type(None)})
+    if not text or value in ("null", "~") or value[:1] in ("'", '"'):
+        return item
+    return f"{key}={json.dumps(value)}"
 
 
 def to_yaml(config: Any) -> str:

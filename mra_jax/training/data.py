@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from dataclasses import field
+from typing import Any, Optional
 
 import grain
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+from mra_jax.training import store
+
 # (cls, sep, pad, mask, unk) token names: RoBERTa style first, then BERT style.
 _NAMES = {"cls": ("<s>", "[CLS]"), "sep": ("</s>", "[SEP]"), "pad": ("<pad>", "[PAD]"), "mask": ("<mask>", "[MASK]")}
 _UNK_NAMES = ("<unk>", "[UNK]")
@@ -28,10 +30,11 @@ _UNK_NAMES = ("<unk>", "[UNK]")
 class DataConfig:
     """Data section of the pretraining config (an OmegaConf structured config)."""
 
-    train_files: list[str] = field(default_factory=list)  # .txt (a document per non-empty line), .jsonl, .npy
-    eval_files: list[str] = field(default_factory=list)  # empty: hold out the last eval_fraction of train sequences
-    text_field: str = "text"  # the text's key in .jsonl records
-    tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE on the training documents
+    prepared: Optional[str] = None  # noqa: UP045  a token store (scripts/prepare_data.py); it replaces:
+    train_files: list[str] = field(default_factory=list)  # .txt (a document per line), .jsonl, .parquet, .npy
+    eval_files: list[str] = field(default_factory=list)  # empty: hold out documents by eval_fraction
+    text_field: str = "text"  # the text's key in .jsonl / .parquet / datasets records
+    tokenizer: Optional[str] = None  # noqa: UP045  a tokenizer.json; None: the store's or model's, or train one
     vocab_size: int = 2000  # at most this many ids (<mask> included) for a trained tokenizer
     seq_len: int = 128
     batch_size: int = 8  # global batch, all processes together
@@ -77,69 +80,57 @@ def text_lines(path: pathlib.Path, name: str) -> Iterator[tuple[int, str]]:
 
 
 def read_documents(files: Sequence[str], text_field: str) -> list[str]:
-    """Documents of .txt (one per non-empty line) and .jsonl files (``text_field`` of each record), in order.
+    """Documents of text inputs (.txt: one per non-empty line; .jsonl, .parquet, datasets directories:
+    ``text_field``), in order, read whole (for small inputs; large ones go through `store.prepare_store`).
 
-    Raises ValueError naming the file (and line) for a missing or empty file, invalid UTF-8 or JSON, or a
+    Raises ValueError naming the file (and line or row) for a missing or empty file, invalid UTF-8 or JSON, or a
     missing or non-string field. Blank lines and empty texts are skipped.
     """
     docs: list[str] = []
     for name in files:
-        path = pathlib.Path(name)
-        if path.suffix not in TEXT_SUFFIXES:
-            raise ValueError(f"{name}: unsupported document file type {path.suffix!r} (expected .txt or .jsonl; "
-                             ".npy files of packed sequences are read by prepare())")
-        if not path.is_file():
-            raise ValueError(f"{name}: file not found")
-        found = 0
-        for lineno, line in text_lines(path, name):
-            if path.suffix == ".jsonl":
-                line = _jsonl_text(line, text_field, f"{name}:{lineno}")
-                if not line.strip():
-                    continue
-            docs.append(line)
-            found += 1
+        found = [d for unit in store.plan_units([name], text_field) for d in store.unit_documents(unit, text_field)]
         if not found:
-            raise ValueError(f"{name}: no documents (the file has no non-empty line or text)")
+            raise ValueError(f"{name}: no documents (no non-empty line, text or row)")
+        docs += found
     return docs
-
-
-def _jsonl_text(line: str, text_field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        raise ValueError(f"{where}: missing field {text_field!r} (fields: {sorted(record)})")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
-    return text
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
 
 
 def load_or_train_tokenizer(cfg: DataConfig, documents: Sequence[str]) -> Tokenizer:
-    """Load ``cfg.tokenizer``, or train a RoBERTa-style byte-level BPE of at most ``cfg.vocab_size`` ids.
-
-    Trained: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>`` = last id (lstrip, as RoBERTa);
-    ByteLevel pre-tokenizer and decoder; RobertaProcessing post-processor (``<s> A </s>``).
-    """
+    """``cfg.tokenizer`` (`load_tokenizer`), or a byte-level BPE of at most ``cfg.vocab_size`` ids trained on
+    ``documents`` (`train_tokenizer`)."""
     if cfg.tokenizer:
-        if not pathlib.Path(cfg.tokenizer).is_file():
-            raise ValueError(f"{cfg.tokenizer}: tokenizer file not found")
-        return Tokenizer.from_file(str(cfg.tokenizer))
+        return load_tokenizer(cfg.tokenizer)
+    return train_tokenizer(documents, cfg.vocab_size)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A ``tokenizer.json``; `ValueError` naming the file if it is missing or unreadable."""
+    if not pathlib.Path(path).is_file():
+        raise ValueError(f"{path}: tokenizer file not found")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer.json: {' '.join(str(e).split())}") from None
+
+
+def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A RoBERTa-style byte-level BPE of at most ``vocab_size`` ids trained on ``documents``.
+
+    ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>`` = last id (lstrip, as RoBERTa); ByteLevel
+    pre-tokenizer and decoder; RobertaProcessing post-processor (``<s> A </s>``).
+    """
     base = 256 + 4 + 1  # byte alphabet, 4 specials, <mask>
-    if cfg.vocab_size < base:
-        raise ValueError(f"vocab_size={cfg.vocab_size} is too small for a byte-level BPE (at least {base})")
+    if vocab_size < base:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least {base})")
     if not documents:
         raise ValueError("no documents to train the tokenizer on")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size - 1, min_frequency=2, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=2, show_progress=False,
                                   special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(documents, trainer=trainer, length=len(documents))
@@ -164,14 +155,36 @@ def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
                          vocab_size=vocab_size, special_ids=tuple(extra))
 
 
-def _plain(tokenizer: Tokenizer) -> Tokenizer:
-    """``tokenizer``, or a copy without truncation and padding if it has them."""
-    if tokenizer.truncation is None and tokenizer.padding is None:
-        return tokenizer
-    tok = Tokenizer.from_str(tokenizer.to_str())
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
+def tokenizer_ids(tokenizer: Tokenizer) -> SpecialTokens | dict[str, int]:
+    """The special ids a model config must agree with: `special_tokens` where the tokenizer has every role, else
+    ``{"vocab_size", "pad_id", "cls_id", "sep_id"}`` for the roles it has (task tokenizers need no ``<mask>``)."""
+    try:
+        return special_tokens(tokenizer)
+    except ValueError:
+        out = {"vocab_size": max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1}
+        for role, names in _NAMES.items():
+            found = [i for i in (tokenizer.token_to_id(n) for n in names) if i is not None]
+            if found and role != "mask":
+                out[f"{role}_id"] = found[0]
+        return out
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer | SpecialTokens, config: Any, tokenizer_source: str,
+                         model: str | os.PathLike) -> None:
+    """Refuse, naming both, a tokenizer whose ids do not fit the model config (an `MraConfig`): more ids than the
+    vocabulary, or a ``<pad>`` / ``<s>`` / ``</s>`` id other than the config's ``pad`` / ``bos`` / ``eos`` id."""
+    ids = tokenizer if isinstance(tokenizer, SpecialTokens) else tokenizer_ids(tokenizer)
+    get = (lambda k: getattr(ids, k)) if isinstance(ids, SpecialTokens) else ids.get
+    errors = []
+    if get("vocab_size") > config.vocab_size:
+        errors.append(f"it has {get('vocab_size')} ids, the model's vocabulary {config.vocab_size}")
+    for role, key, theirs in (("<pad>", "pad_id", config.pad_token_id), ("<s>", "cls_id", config.bos_token_id),
+                              ("</s>", "sep_id", config.eos_token_id)):
+        ours = get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            errors.append(f"its {role} is id {ours}, the model's {theirs}")
+    if errors:
+        raise ValueError(f"the tokenizer ({tokenizer_source}) does not fit the model {model}: {'; '.join(errors)}")
 
 
 # --------------------------------------------------------------------------------------------------- packing
@@ -202,81 +215,135 @@ def pack(documents_ids: Sequence[Sequence[int]], seq_len: int, special: SpecialT
     return out
 
 
-def _load_npy(name: str, seq_len: int, vocab_size: int) -> np.ndarray:
-    path = pathlib.Path(name)
-    if not path.is_file():
-        raise ValueError(f"{name}: file not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{name}: not a readable .npy array: {e}") from None
-    if arr.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D [N, seq_len] array of packed sequences, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer token ids, got dtype {arr.dtype}")
-    if arr.shape[1] != seq_len:
-        raise ValueError(f"{name}: sequences have {arr.shape[1]} tokens, the config's seq_len is {seq_len}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name}: no sequences")
-    if arr.min() < 0 or arr.max() >= vocab_size:
-        raise ValueError(f"{name}: token ids span [{arr.min()}, {arr.max()}], outside [0, vocab_size={vocab_size})")
-    return arr.astype(np.int32)
+class NpySequences(Sequence):
+    """Packed sequences of a ``[N, seq_len]`` integer ``.npy`` file, memory-mapped (never loaded whole); ids are
+    checked against the vocabulary as rows are read. ``rows`` (a `Holdout`) selects some of them."""
+
+    def __init__(self, name: str, seq_len: int, vocab_size: int):
+        path = pathlib.Path(name)
+        if not path.is_file():
+            raise ValueError(f"{name}: file not found")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{name}: not a readable .npy array: {e}") from None
+        if arr.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D [N, seq_len] array of packed sequences, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name}: expected integer token ids, got dtype {arr.dtype}")
+        if arr.shape[1] != seq_len:
+            raise ValueError(f"{name}: sequences have {arr.shape[1]} tokens, the config's seq_len is {seq_len}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"{name}: no sequences")
+        self.name, self.array, self.vocab_size = name, arr, vocab_size
+        for index in (0, len(arr) - 1):  # a wrong file fails at once, not at its first batch
+            self[index]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        row = np.asarray(self.array[index], np.int64)
+        if row.min() < 0 or row.max() >= self.vocab_size:
+            raise ValueError(f"{self.name}: row {index}: token ids span [{row.min()}, {row.max()}], outside "
+                             f"[0, vocab_size={self.vocab_size})")
+        return row.astype(np.int32)
 
 
-def _sequences(files: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer, special: SpecialTokens) -> np.ndarray:
-    """Packed sequences of ``files`` in order; consecutive text files are packed together, .npy used as is."""
-    tok = _plain(tokenizer)
-    chunks: list[np.ndarray] = []
-    pending: list[str] = []
+class Holdout(Sequence):
+    """Every ``k``-th row of ``source`` (rows ``k-1, 2k-1, ...``; ``eval=True``) or the others: a held-out sample
+    spread over the whole source, by index arithmetic (nothing is read)."""
 
-    def flush():
-        if pending:
-            docs = read_documents(pending, cfg.text_field)
-            chunks.append(pack([e.ids for e in tok.encode_batch(docs, add_special_tokens=False)], cfg.seq_len,
-                               special))
-            pending.clear()
+    def __init__(self, source: Sequence, k: int, eval: bool):
+        self.source, self.k, self.eval = source, k, eval
+        n_eval = len(source) // k
+        self._len = n_eval if eval else len(source) - n_eval
 
-    for name in files:
-        if pathlib.Path(name).suffix == ".npy":
-            flush()
-            chunks.append(_load_npy(name, cfg.seq_len, special.vocab_size))
-        else:
-            pending.append(name)
-    flush()
-    return np.concatenate(chunks) if chunks else np.zeros((0, cfg.seq_len), np.int32)
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        k = self.k
+        return self.source[index * k + k - 1 if self.eval else index // (k - 1) * k + index % (k - 1)]
 
 
-def prepare(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) packed sequences, int32 ``[N, seq_len]``.
+class Concat(Sequence):
+    """Sources one after the other."""
 
-    Without ``eval_files`` the last ``eval_fraction`` (at least one) of the training sequences is held out, before
-    any shuffling. Raises ValueError if there are fewer training sequences than one global batch, or no eval ones.
+    def __init__(self, sources: Sequence[Sequence]):
+        self.sources = [s for s in sources if len(s)]
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.sources[i][index - int(self.starts[i])]
+
+
+def text_files(files: Sequence[str]) -> list[str]:
+    return [f for f in files if not f.endswith(".npy")]
+
+
+def prepare_text_files(cfg: DataConfig, out: str | os.PathLike, tokenizer: Tokenizer,
+                       progress: bool = False) -> pathlib.Path | None:
+    """The token store of the text inputs of ``train_files`` / ``eval_files`` at ``out``, prepared once (an
+    existing store is reused as it is); ``None`` if there are none (only ``.npy`` inputs)."""
+    inputs, eval_inputs = text_files(cfg.train_files), text_files(cfg.eval_files)
+    out = pathlib.Path(out)
+    if not (inputs or eval_inputs) or store.is_store(out):
+        return out if store.is_store(out) else None
+    store.prepare_store(inputs, out, tokenizer, eval_inputs=eval_inputs, text_field=cfg.text_field,
+                        eval_fraction=0.0 if cfg.eval_files else cfg.eval_fraction, seed=cfg.shuffle_seed,
+                        progress=progress)
+    return out
+
+
+def open_sequences(cfg: DataConfig, store_dir: str | os.PathLike, special: SpecialTokens,
+                   ) -> tuple[Sequence, Sequence]:
+    """(train, eval) packed sequences of ``seq_len``: the splits of the token store at ``store_dir`` (documents
+    packed as `pack` does), then the rows of ``.npy`` inputs (memory-mapped; none with ``prepared``). Without
+    ``eval_files``, every ``round(1 / eval_fraction)``-th row of a ``.npy`` input is held out.
+
+    Raises ValueError if there are fewer training sequences than one global batch, or no eval ones.
     """
-    if not cfg.train_files:
-        raise ValueError("data.train_files is empty")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={cfg.eval_fraction} must be in [0, 1)")
-    special = special_tokens(tokenizer)
-    train = _sequences(cfg.train_files, cfg, tokenizer, special)
-    if cfg.eval_files:
-        evals = _sequences(cfg.eval_files, cfg, tokenizer, special)
-    else:
-        n_eval = max(1, round(len(train) * cfg.eval_fraction)) if cfg.eval_fraction > 0 and len(train) else 0
-        train, evals = train[: len(train) - n_eval], train[len(train) - n_eval :]
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"only {len(train)} training sequences of {cfg.seq_len} tokens, fewer than one global batch "
-                         f"(batch_size={cfg.batch_size}); add data or lower batch_size/seq_len")
-    if len(evals) == 0:
-        raise ValueError("no eval sequences: set eval_files or eval_fraction > 0")
-    return train, evals
+    train: list[Sequence] = []
+    evals: list[Sequence] = []
+    if store_dir is not None:
+        token_store = store.TokenStore(store_dir)
+        train.append(store.PackedSequences(token_store.splits["train"], cfg.seq_len, special.cls_id, special.pad_id))
+        evals.append(store.PackedSequences(token_store.splits["eval"], cfg.seq_len, special.cls_id, special.pad_id))
+    k = max(2, round(1 / cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+    train_files, eval_files = ([], []) if cfg.prepared else (cfg.train_files, cfg.eval_files)
+    for name in train_files:
+        if name.endswith(".npy"):
+            rows = NpySequences(name, cfg.seq_len, special.vocab_size)
+            if eval_files or not k:
+                train.append(rows)
+            else:
+                train.append(Holdout(rows, k, eval=False))
+                evals.append(Holdout(rows, k, eval=True))
+    evals += [NpySequences(name, cfg.seq_len, special.vocab_size) for name in eval_files if name.endswith(".npy")]
+    train_seqs, eval_seqs = Concat(train), Concat(evals)
+    if len(train_seqs) < cfg.batch_size:
+        raise ValueError(f"only {len(train_seqs)} training sequences of {cfg.seq_len} tokens, fewer than one global "
+                         f"batch (batch_size={cfg.batch_size}); add data or lower batch_size/seq_len")
+    if len(eval_seqs) == 0:
+        raise ValueError("no eval sequences: set eval_files or eval_fraction > 0 (large enough for this corpus)")
+    return train_seqs, eval_seqs
 
 
 # --------------------------------------------------------------------------------------------------- iterators
 
 
-def _check_sharding(sequences: np.ndarray, batch_size: int, process_index: int, process_count: int) -> int:
-    if np.ndim(sequences) != 2:
-        raise ValueError(f"sequences must be a 2-D [N, seq_len] array, got shape {np.shape(sequences)}")
+def _check_sharding(sequences: Sequence, batch_size: int, process_index: int, process_count: int) -> int:
+    if isinstance(sequences, np.ndarray) and sequences.ndim != 2:
+        raise ValueError(f"sequences must be a 2-D [N, seq_len] array, got shape {sequences.shape}")
     return local_batch_size(batch_size, process_index, process_count)
 
 
@@ -296,34 +363,46 @@ def _to_batch(ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": (ids != pad_id).astype(np.int32)}
 
 
-def train_iterator(sequences: np.ndarray, batch_size: int, seed: int, pad_id: int, process_index: int = 0,
+def _source(sequences: Sequence) -> Sequence:
+    return np.ascontiguousarray(sequences, np.int32) if isinstance(sequences, np.ndarray) else sequences
+
+
+def train_iterator(sequences: Sequence, batch_size: int, seed: int, pad_id: int, process_index: int = 0,
                    process_count: int = 1, *, num_threads: int = 2) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of this process's share of shuffled global batches.
 
+    ``sequences``: an ``[N, seq_len]`` array or any random-access sequence of rows (a token store's
+    `store.PackedSequences`, memory-mapped ``.npy`` rows); only the rows of this process's batches are read.
     Yields ``{"input_ids", "attention_mask"}``, int32 ``[batch_size // process_count, seq_len]``; the mask is 0 where
-    ``input_ids == pad_id``. Each epoch is a new shuffle of all sequences (grain's ``shuffle`` then ``repeat``);
-    batches run across epoch boundaries. ``get_state()``/``set_state()`` and ``grain.checkpoint.CheckpointSave``
-    resume it exactly.
+    ``input_ids == pad_id``. Each epoch is a new shuffle of all sequences (grain's index shuffle, no permutation
+    in memory, then ``repeat``); batches run across epoch boundaries. ``get_state()``/``set_state()`` and
+    ``grain.checkpoint.CheckpointSave`` resume it exactly.
     """
     local = _check_sharding(sequences, batch_size, process_index, process_count)
     if len(sequences) < batch_size:
         raise ValueError(f"{len(sequences)} sequences are fewer than one global batch of {batch_size}")
     # Local batch m holds shuffled-stream elements [m*local, (m+1)*local); global batch k is local batches
     # k*n .. k*n+n-1, so taking every n-th local batch from p gives process p rows [p*local, (p+1)*local) of it.
-    ds = (grain.MapDataset.source(np.ascontiguousarray(sequences, np.int32)).shuffle(seed=seed).repeat(None)
+    ds = (grain.MapDataset.source(_source(sequences)).shuffle(seed=seed).repeat(None)
           .batch(local, drop_remainder=True)[process_index::process_count]
           .map(functools.partial(_to_batch, pad_id=pad_id)))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1))
     return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(sequences: np.ndarray, batch_size: int, pad_id: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """The first ``num_batches`` full global batches in order (fewer if the data runs out), this process's rows."""
+def eval_batches(sequences: Sequence, batch_size: int, pad_id: int, num_batches: int, process_index: int = 0,
+                 process_count: int = 1, *, seed: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The first ``num_batches`` full global batches (fewer if the data runs out), this process's rows: of the
+    sequences in order, or with ``seed`` in a seeded random order over all of them (so that a few batches sample
+    the whole eval split rather than its first documents)."""
     local = _check_sharding(sequences, batch_size, process_index, process_count)
     n = min(num_batches, len(sequences) // batch_size)
     if n < 1:
         raise ValueError(f"{len(sequences)} eval sequences do not fill one global batch of {batch_size} "
                          f"(num_batches={num_batches})")
+    rows = grain.MapDataset.source(_source(sequences))
+    if seed is not None:
+        rows = rows.shuffle(seed=seed)
     start = process_index * local
-    return [_to_batch(sequences[k * batch_size + start : k * batch_size + start + local], pad_id) for k in range(n)]
+    return [_to_batch(np.stack([rows[k * batch_size + start + i] for i in range(local)]), pad_id)
+            for k in range(n)]

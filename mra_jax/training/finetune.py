@@ -31,9 +31,10 @@ from mra_jax.modeling import (
     MraPreTrainedModel,
 )
 from mra_jax.options import RuntimeOptions
-from mra_jax.training import runtime, task_metrics, tasks
+from mra_jax.training import rundir, runtime, task_metrics, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
+from mra_jax.training.data import check_tokenizer_fits, load_tokenizer
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.metrics import MetricsWriter
 from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
@@ -65,6 +66,7 @@ class FinetuneConfig:
     dtype: str = "float32"
     attention: str | None = None
     remat: str = "none"
+    scan_layers: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -90,7 +92,7 @@ def validate(cfg: FinetuneConfig) -> None:
 def find_tokenizer(cfg: FinetuneConfig) -> tuple[Tokenizer, pathlib.Path]:
     """``cfg.tokenizer``, else ``tokenizer.json`` in the model directory or in the pretraining run it comes from."""
     path = find_model_tokenizer(pathlib.Path(cfg.model), cfg.tokenizer)
-    return Tokenizer.from_file(str(path)), path
+    return load_tokenizer(path), path
 
 
 # ----------------------------------------------------------------------------------------------- losses per task
@@ -147,14 +149,17 @@ def task_loss(task: str, problem_type: str | None):
     return loss_fn, train_loss
 
 
-def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune; returns the last train and eval records, the best step and the export path."""
+@rundir.releases_locks
+def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune; returns the last train and eval records, the best step and the export path. An ``output_dir``
+    with checkpoints resumes (see `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh."""
     validate(cfg)
     runtime.initialize_distributed(cfg.distributed)
     primary = runtime.is_primary()
     output_dir = pathlib.Path(cfg.output_dir).absolute()
     mesh = runtime.build_mesh(cfg.mesh)
     tokenizer, tokenizer_path = find_tokenizer(cfg)
+    check_tokenizer_fits(tokenizer, MraConfig.from_pretrained(cfg.model), f"tokenizer {tokenizer_path}", cfg.model)
     pad_id = tasks.pad_token_id(tokenizer)
     splits = tasks.load_splits(cfg.task, cfg.data, tokenizer)
     train, evaluation = splits["train"], splits.get("eval")
@@ -181,13 +186,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.data.eval_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by mesh.data x "
                          f"mesh.fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
-    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat)
+    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat, scan_layers=cfg.scan_layers)
     loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
                                  num_labels=num_labels, config_overrides=overrides, seed=cfg.seed)
     config = loaded.config.with_extra(architectures=[cls.__name__])
+    started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
     if primary:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        rundir.record_config(output_dir, to_yaml(cfg))
         shutil.copyfile(tokenizer_path, output_dir / "tokenizer.json")
 
     schedule = make_schedule(cfg.optimizer, cfg.steps)
@@ -226,7 +231,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
     checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                    best_metric=f"eval_{best_metric}", best_mode=best_mode)
-    start = checkpoints.latest_step()
+    start = started.latest_step
     abstract = jax.eval_shape(lambda: state)
     if start is not None:
         state, _ = checkpoints.restore(start, abstract, shardings, iterator)

@@ -1,5 +1,6 @@
 """The training loop shared by pretraining and fine-tuning: steps, progress bar, logging, evaluation,
-checkpoints, and the NaN guard (no state with a non-finite loss or gradient norm is ever logged or saved)."""
+checkpoints, and the NaN guard (no state with a non-finite loss or gradient norm, or whose parameters or optimizer
+state the update made non-finite, is ever logged, evaluated or saved)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
@@ -61,25 +63,48 @@ def train_loop(state: TrainState, train_step: Callable, iterator: Iterator[Mappi
 
     ``save(state, eval_record)`` gets the evaluation of the same step, or ``None``. Logged records: ``step``,
     ``loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``mfu`` (``None``
-    where the device's peak is unknown) and ``extra_metrics(step metrics)``. The host syncs only at log, eval and
-    save steps; every step in between is still checked for NaN before anything is written.
+    where the device's peak is unknown) and ``extra_metrics(step metrics)``. The host fetches metrics only at log,
+    eval and save steps; every step in between is still checked for NaN before anything is written. On the primary
+    process the console gets the first step's time (compilation included) and, at each eval, the train and eval
+    losses; the progress bar counts completed steps (dispatch runs one step ahead) and times from the second step.
     """
     devices = jax.device_count()
+    primary = runtime.is_primary()
     result: dict[str, Any] = {}
     window = _Window()
-    bar = tqdm(total=schedule.steps, initial=start, desc=description, unit="step", dynamic_ncols=True,
-               disable=not (runtime.is_primary() and progress))
+    bar = None
+    done = start  # the bar's steps: complete on device
+    dispatched_at = time.perf_counter()
     try:
         for step in range(start + 1, schedule.steps + 1):
             state, metrics = train_step(state, runtime.global_batch(next(iterator), batch_sharding))
             window.pending.append((step, metrics))
-            bar.update(1)
+            if bar is None:  # the first step compiles: timed apart, the bar's rate and ETA start after it
+                jax.block_until_ready(metrics)
+                if primary:
+                    tqdm.write(f"{description}: step {step} took {time.perf_counter() - dispatched_at:.1f} s "
+                               "(compilation included)")
+                bar = tqdm(total=schedule.steps, initial=step, desc=description, unit="step", dynamic_ncols=True,
+                           disable=not (primary and progress))
+                done = step
+            elif done < step - 1:  # dispatch stays one step ahead of the bar
+                jax.block_until_ready(window.pending[-2][1])
+                bar.update(step - 1 - done)
+                done = step - 1
             last = step == schedule.steps
             do_eval = evaluate is not None and (last or (schedule.eval_every and step % schedule.eval_every == 0))
             do_save = last or step % schedule.checkpoint_every == 0
             if not (last or do_eval or do_save or step % schedule.log_every == 0):
                 continue
             fetched, elapsed = window.flush()
+            if (do_eval or do_save) and not bool(jax.device_get(_all_finite(state))):
+                raise NonFiniteError(f"step {step}: the parameters or optimizer state after the update are not "
+                                     f"finite (loss {fetched[-1][1]['loss']}, gradient norm "
+                                     f"{fetched[-1][1]['grad_norm']}: the update itself overflowed, e.g. a "
+                                     "learning rate too large) — stopping; this step's state is not evaluated or "
+                                     "saved, the last checkpoint is kept")
+            bar.update(step - done)
+            done = step
             tokens_per_second = tokens_per_step * len(fetched) / elapsed
             mfu = None if peak_flops is None or flops_per_token is None else (
                 tokens_per_second * flops_per_token / (peak_flops * devices))
@@ -95,9 +120,27 @@ def train_loop(state: TrainState, train_step: Callable, iterator: Iterator[Mappi
             if do_eval:
                 record = result["eval"] = evaluate(state, step)
                 writer.write(record)
+                if primary:
+                    tqdm.write(_eval_line(step, fetched[-1][1]["loss"], record))
                 window.start = time.perf_counter()
             if do_save:
                 save(state, record)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return state, result
+
+
+@jax.jit
+def _all_finite(state: TrainState) -> jax.Array:
+    """Whether every parameter and optimizer-state value is finite (one device reduction)."""
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]))
+
+
+def _eval_line(step: int, train_loss: float, record: Mapping[str, Any]) -> str:
+    """``step N: train loss .., eval loss .. (eval_accuracy .., ...)`` for the console."""
+    others = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                       if k not in ("step", "eval_loss") and isinstance(v, int | float))
+    return (f"step {step}: train loss {train_loss:.4f}, eval loss {record.get('eval_loss', float('nan')):.4f}"
+            + (f" ({others})" if others else ""))

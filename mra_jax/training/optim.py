@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -38,6 +39,16 @@ class OptimizerConfig:
         if self.max_grad_norm < 0:
             errors.append(f"optimizer.max_grad_norm must be non-negative (0 = no clipping), got "
                           f"{self.max_grad_norm}")
+        if not math.isfinite(self.learning_rate) or not 0 <= self.end_learning_rate <= self.learning_rate:
+            errors.append(f"optimizer.end_learning_rate must be in [0, learning_rate={self.learning_rate}], got "
+                          f"{self.end_learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            errors.append(f"optimizer.weight_decay must be non-negative and finite, got {self.weight_decay}")
+        for name in ("b1", "b2"):  # AdamW's moment decays: 1 or more never forgets (b2 = 1 divides by 0)
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            errors.append(f"optimizer.eps must be positive, got {self.eps}")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from tokenizers import Tokenizer
 
 from mra_jax.training import task_metrics, tasks
+from mra_jax.training.data import check_tokenizer_fits, load_tokenizer
 
 ARCHITECTURE_TASKS = {"MraForSequenceClassification": "sequence_classification",
                       "MraForTokenClassification": "token_classification",
@@ -163,7 +163,9 @@ class Predictor:
         self.names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
         self.problem_type = (config.problem_type or "single_label_classification") \
             if task == "sequence_classification" else None
-        self.tokenizer = Tokenizer.from_file(str(find_model_tokenizer(self.model_dir, tokenizer)))
+        tokenizer_path = find_model_tokenizer(self.model_dir, tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        check_tokenizer_fits(self.tokenizer, config, f"tokenizer {tokenizer_path}", self.model_dir)
         model = MODEL_CLASSES[task].from_pretrained(self.model_dir, options=RuntimeOptions(implementation=attention))
         graphdef, self.params = nnx.split(model, nnx.Param)
         loss_fn, _ = task_loss(task, self.problem_type)

@@ -1,9 +1,10 @@
 """Masked-LM pretraining on a mesh: `run(PretrainConfig)`, driven by ``scripts/pretrain.py``.
 
-A run writes into ``output_dir``: ``config.yaml`` (the resolved run config), ``model_config.json``,
-``tokenizer.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/<step>/``. Started again on the same
-``output_dir`` it resumes from the latest complete checkpoint, with the same data, masks and dropout as an
-uninterrupted run.
+A run writes into ``output_dir``: ``config.yaml`` (the resolved config of its first start; later starts add
+``config.<n>.yaml``), ``model_config.json``, ``tokenizer.json``, ``data/`` (the token store of ``data.train_files``;
+none with ``data.prepared``), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/<step>/``. Started again on the
+same ``output_dir`` it resumes from the latest complete checkpoint, with the same data, masks and dropout as an
+uninterrupted run, and refuses changes that are not safe on resume (`mra_jax.training.rundir`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
+from tokenizers import Tokenizer
 
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling import MraForMaskedLM
 from mra_jax.options import RuntimeOptions
 from mra_jax.training import data as data_lib
-from mra_jax.training import runtime
+from mra_jax.training import rundir, runtime, store
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import PretrainConfig, run_errors, to_yaml
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
@@ -47,8 +50,26 @@ def validate(cfg: PretrainConfig) -> None:
         errors.append(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
     if not os.path.exists(cfg.model):
         errors.append(f"model {cfg.model} does not exist (a config.json or a checkpoint directory)")
+    errors += data_errors(cfg.data)
     if errors:
         raise ValueError("invalid pretraining config: " + "; ".join(errors))
+
+
+def data_errors(cfg: data_lib.DataConfig) -> list[str]:
+    """Problems with the data section, the inputs' existence and types included (nothing is read whole)."""
+    if cfg.prepared:
+        return [] if store.is_store(cfg.prepared) else [
+            f"data.prepared={cfg.prepared} is not a token store (no metadata.json; write one with "
+            "scripts/prepare_data.py)"]
+    if not cfg.train_files:
+        return ["set data.prepared (a token store: scripts/prepare_data.py) or data.train_files"]
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        return [f"data.eval_fraction={cfg.eval_fraction} must be in [0, 1)"]
+    try:
+        store.plan_units(data_lib.text_files([*cfg.train_files, *cfg.eval_files]), cfg.text_field)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def mlm_masking(spec: MaskingSpec):
@@ -69,13 +90,12 @@ def mlm_loss(model: MraForMaskedLM, batch: Mapping[str, jax.Array], key: jax.Arr
     return sums["loss_sum"], sums
 
 
-def model_config_for(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tuple[MraConfig, bool]:
-    """The model config and whether the model starts from a checkpoint."""
+def model_config_for(cfg: PretrainConfig, special: data_lib.SpecialTokens,
+                     tokenizer_source: str = "the run's tokenizer") -> tuple[MraConfig, bool]:
+    """The model config and whether the model starts from a checkpoint (whose config the tokenizer must fit)."""
     if os.path.isdir(cfg.model):
         config = MraConfig.from_pretrained(cfg.model)
-        if special.vocab_size > config.vocab_size:
-            raise ValueError(f"the tokenizer has {special.vocab_size} ids, more than the vocabulary of {cfg.model} "
-                             f"({config.vocab_size})")
+        data_lib.check_tokenizer_fits(special, config, tokenizer_source, cfg.model)
         return config, True
     config = MraConfig.from_pretrained(cfg.model)
     config = dataclasses.replace(config, vocab_size=special.vocab_size, pad_token_id=special.pad_id,
@@ -83,14 +103,57 @@ def model_config_for(cfg: PretrainConfig, special: data_lib.SpecialTokens) -> tu
     return config.with_extra(architectures=["MraForMaskedLM"]), False
 
 
-def _tokenizer(cfg: PretrainConfig, output_dir: pathlib.Path):
-    """The run's tokenizer: the one saved by an earlier start of this run, the configured one, or a new one."""
-    saved = output_dir / "tokenizer.json"
-    if saved.is_file():
-        return data_lib.load_or_train_tokenizer(dataclasses.replace(cfg.data, tokenizer=str(saved)), [])
-    documents = [] if cfg.data.tokenizer else data_lib.read_documents(
-        [f for f in cfg.data.train_files if not f.endswith(".npy")], cfg.data.text_field)
-    return data_lib.load_or_train_tokenizer(cfg.data, documents)
+def _tokenizer(cfg: PretrainConfig, output_dir: pathlib.Path, resume: bool = True) -> tuple[Tokenizer, str]:
+    """The run's tokenizer and where it comes from: the token store's (``data.prepared``), the one saved by an
+    earlier start of this run (``resume``), ``data.tokenizer``, the model checkpoint's (or its run's), or, for fresh
+    weights only, a byte-level BPE trained on a sample of the training documents."""
+    saved = output_dir / "tokenizer.json" if resume else None
+    if cfg.data.prepared:
+        token_store = store.TokenStore(cfg.data.prepared)
+        tokenizer, source = token_store.tokenizer(), f"the token store {cfg.data.prepared}"
+        for other, what in ((cfg.data.tokenizer, "data.tokenizer"), (saved, "this run's tokenizer")):
+            if other and pathlib.Path(other).is_file() and (
+                    data_lib.load_tokenizer(other).to_str() != tokenizer.to_str()):
+                raise ValueError(f"{what} {other} differs from the tokenizer of {source}, whose ids the store holds")
+        return tokenizer, source
+    if saved is not None and saved.is_file():
+        return data_lib.load_tokenizer(saved), f"this run's {saved}"
+    if cfg.data.tokenizer:
+        return data_lib.load_tokenizer(cfg.data.tokenizer), f"data.tokenizer {cfg.data.tokenizer}"
+    if os.path.isdir(cfg.model):
+        model = pathlib.Path(cfg.model)
+        candidates = [model / "tokenizer.json", model.parent.parent / "tokenizer.json"]  # its own, its run's
+        for path in candidates:
+            if path.is_file():
+                return data_lib.load_tokenizer(path), f"the model's {path}"
+        raise ValueError(f"model {cfg.model} is a checkpoint without a tokenizer (looked for "
+                         f"{', '.join(map(str, candidates))}); set data.tokenizer to the tokenizer.json its ids come "
+                         "from (a new tokenizer would give its embeddings other meanings)")
+    texts = data_lib.text_files(cfg.data.train_files)
+    if not texts:
+        raise ValueError("set data.tokenizer: a tokenizer can only be trained on text files, and data.train_files "
+                         "holds only .npy files")
+    sample = store.sample_documents(store.plan_units(texts, cfg.data.text_field), cfg.data.text_field,
+                                    store.TOKENIZER_SAMPLE_BYTES)
+    return data_lib.train_tokenizer(sample, cfg.data.vocab_size), "a byte-level BPE trained on the training files"
+
+
+def _token_store(cfg: PretrainConfig, output_dir: pathlib.Path, tokenizer: Tokenizer) -> pathlib.Path | None:
+    """``data.prepared``, or the store of the text ``train_files`` in ``output_dir/data``: prepared by the primary
+    process at the first start (the others wait for it), reused as it is afterwards."""
+    if cfg.data.prepared:
+        if runtime.is_primary() and (cfg.data.train_files or cfg.data.eval_files):
+            print(f"data.prepared is set: training from the token store {cfg.data.prepared}; data.train_files and "
+                  "data.eval_files are not read")
+        return pathlib.Path(cfg.data.prepared)
+    out = output_dir / "data"
+    if runtime.is_primary():
+        out = data_lib.prepare_text_files(cfg.data, out, tokenizer, progress=cfg.progress_bar)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mra_jax token store")
+        if not runtime.is_primary():  # (where output_dir is not shared, each host prepares the same store)
+            out = data_lib.prepare_text_files(cfg.data, out, tokenizer)
+    return out
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
@@ -121,7 +184,8 @@ def build_pretraining(cfg: PretrainConfig, config: MraConfig, mesh: Mesh, specia
                       platform: str | None = None) -> Pretraining:
     """The model, optimizer, shardings and jitted steps of ``cfg`` on ``mesh`` (``platform``: whose kernels)."""
     runtime.check_fits(config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.seq_len)
-    options = RuntimeOptions(implementation=cfg.attention, platform=platform, mesh=mesh, remat=cfg.remat)
+    options = RuntimeOptions(implementation=cfg.attention, platform=platform, mesh=mesh, remat=cfg.remat,
+                             scan_layers=cfg.scan_layers)
     dtype = DTYPES[cfg.dtype]
     spec = MaskingSpec(mask_id=special.mask_id, vocab_size=special.vocab_size, special_ids=special.special_ids,
                        probability=cfg.mlm_probability)
@@ -143,22 +207,23 @@ def build_pretraining(cfg: PretrainConfig, config: MraConfig, mesh: Mesh, specia
                        train_step, eval_step)
 
 
-def run(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train; returns the last logged metrics and the final eval."""
+@rundir.releases_locks
+def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Train; returns the last logged metrics and the final eval. An ``output_dir`` with checkpoints resumes (see
+    `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh."""
     validate(cfg)
     runtime.initialize_distributed(cfg.distributed)
     primary = runtime.is_primary()
     output_dir = pathlib.Path(cfg.output_dir).absolute()
     mesh = runtime.build_mesh(cfg.mesh)
 
-    tokenizer = _tokenizer(cfg, output_dir)
+    tokenizer, tokenizer_source = _tokenizer(cfg, output_dir, resume=not overwrite)
     special = data_lib.special_tokens(tokenizer)
-    config, from_checkpoint = model_config_for(cfg, special)
+    config, from_checkpoint = model_config_for(cfg, special, tokenizer_source)
     job = build_pretraining(cfg, config, mesh, special)  # refuses what the mesh cannot split, before any work
-    train_seqs, eval_seqs = data_lib.prepare(cfg.data, tokenizer)
+    started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
     if primary:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(output_dir / "config.yaml", to_yaml(cfg))
+        rundir.record_config(output_dir, to_yaml(cfg))
         _write_text(output_dir / "model_config.json", config.to_json_string())
         if not (output_dir / "tokenizer.json").is_file():
             tokenizer.save(str(output_dir / f".tokenizer.json.tmp-{os.getpid()}"))
@@ -172,12 +237,13 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     _, state, _ = init_state(job.build, job.tx, mesh, cfg.mesh.rules, start_params)
     del start_params
 
+    train_seqs, eval_seqs = data_lib.open_sequences(cfg.data, _token_store(cfg, output_dir, tokenizer), special)
     iterator = data_lib.train_iterator(train_seqs, cfg.data.batch_size, cfg.data.shuffle_seed, special.pad_id,
                                        jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)
     evals = data_lib.eval_batches(eval_seqs, cfg.data.batch_size, special.pad_id, cfg.data.eval_batches,
-                                  jax.process_index(), jax.process_count())
+                                  jax.process_index(), jax.process_count(), seed=cfg.data.shuffle_seed)
     checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints)
-    start = checkpoints.latest_step()
+    start = started.latest_step
     if start is not None:
         state, _ = checkpoints.restore(start, job.abstract, job.shardings, iterator)
     start = start or 0
