@@ -166,7 +166,7 @@ def compile_train_step(cfg: PretrainConfig, devices: Sequence[jax.Device], *, hb
     there. Returns the report (see `format_report`).
     """
     t_start = time.perf_counter()
-    validate(cfg)
+    validate(cfg, data=False)
     devices = list(devices)
     platform = devices[0].platform
     special, config, vocab_source = _special_and_config(cfg)
@@ -244,7 +244,7 @@ def compile_for_topology(cfg: PretrainConfig, topology: str, *, verbose: bool = 
     Needs libtpu (``jax[tpu]``), no TPU: run with ``JAX_PLATFORMS=cpu`` (and ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` on a
     TPU VM). `ValueError` for an unknown topology, a config that does not fit the mesh, or one training would refuse."""
     chip = parse_topology(topology)[0]
-    validate(cfg)  # a bad config before libtpu's start
+    validate(cfg, data=False)  # a bad config before libtpu's start (the corpus need not be on this machine)
     report = compile_train_step(cfg, topology_devices(topology), hbm_bytes=CHIPS[chip][2], target=topology,
                                 hlo_path=hlo_path)
     if report["tpu_custom_calls"] == 0 and cfg.attention in (None, "pallas"):

@@ -132,10 +132,10 @@ def train_loop(state: TrainState, train_step: Callable, iterator: Iterator[Mappi
 
 
 @jax.jit
-def _all_finite(state: TrainState) -> jax.Array:
-    """Whether every parameter and optimizer-state value is finite (one device reduction)."""
-    leaves = jax.tree.leaves((state.params, state.opt_state))
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]))
+def _all_finite(state: Any) -> jax.Array:
+    """Whether every floating-point value of the state (parameters, optimizer state) is finite: one reduction."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def _eval_line(step: int, train_loss: float, record: Mapping[str, Any]) -> str:

@@ -165,6 +165,15 @@ def start(cfg: Any, output_dir: str | os.PathLike, *, overwrite: bool = False, p
     afresh; every process waits for the move."""
     directory = pathlib.Path(output_dir).absolute()
     lock = take_lock(directory) if primary else None
+    try:
+        return _checked_start(cfg, directory, overwrite, primary, lock)
+    except BaseException:
+        if lock is not None:  # a refused start holds nothing (its traceback may outlive it)
+            lock.close()
+        raise
+
+
+def _checked_start(cfg: Any, directory: pathlib.Path, overwrite: bool, primary: bool, lock: Any) -> RunStart:
     if overwrite:
         moved = None
         if primary and directory.is_dir() and any(directory.iterdir()):
