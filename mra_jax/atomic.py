@@ -90,6 +90,15 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Put the complete directory ``tmp`` at ``out``, replacing an existing ``out`` (`_replace`: atomically where
+    the OS can) — the caller has decided that it may."""
+    if out.exists() or out.is_symlink():
+        _replace(tmp, out)
+    else:
+        tmp.rename(out)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[pathlib.Path]:
     """Yield a temporary directory beside ``out`` and move it to ``out`` only if the block succeeds.
@@ -108,14 +117,12 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions
     try:
         yield tmp
+        if (out.exists() or out.is_symlink()) and not force:
+            raise FileExistsError(f"{out} appeared while it was being written; use --force (force=True) to "
+                                  "replace it")
         if out.exists() or out.is_symlink():
-            if not force:
-                raise FileExistsError(f"{out} appeared while it was being written; use --force (force=True) to "
-                                      "replace it")
             _check_target(out, force)
-            _replace(tmp, out)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

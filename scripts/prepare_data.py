@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1 or args.unit_mb <= 0 or args.tokenizer_sample_mb <= 0:
             raise ValueError("--workers, --unit-mb and --tokenizer-sample-mb must be positive")
-        if os.path.exists(args.out) and not (args.force and store.is_store(args.out)):
-            raise ValueError(f"{args.out} already exists" + (" and is not a token store" if args.force else
-                                                             "; pass --force to replace a token store"))
+        store.check_output(args.out, args.force)  # before a tokenizer is trained
         unit_bytes = max(1, int(args.unit_mb * 2**20))
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import field
 from typing import Any, Optional
 
@@ -155,32 +155,28 @@ def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
                          vocab_size=vocab_size, special_ids=tuple(extra))
 
 
-def tokenizer_ids(tokenizer: Tokenizer) -> SpecialTokens | dict[str, int]:
-    """The special ids a model config must agree with: `special_tokens` where the tokenizer has every role, else
-    ``{"vocab_size", "pad_id", "cls_id", "sep_id"}`` for the roles it has (task tokenizers need no ``<mask>``)."""
-    try:
-        return special_tokens(tokenizer)
-    except ValueError:
-        out = {"vocab_size": max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1}
-        for role, names in _NAMES.items():
-            found = [i for i in (tokenizer.token_to_id(n) for n in names) if i is not None]
-            if found and role != "mask":
-                out[f"{role}_id"] = found[0]
-        return out
+def tokenizer_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """``vocab_size`` (largest id + 1) and the ``cls_id`` / ``sep_id`` / ``pad_id`` of the roles the tokenizer has
+    (a task tokenizer may lack some, and needs no ``<mask>``)."""
+    ids = {"vocab_size": max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1}
+    for role, names in _NAMES.items():
+        found = [i for i in (tokenizer.token_to_id(n) for n in names) if i is not None]
+        if found and role != "mask":
+            ids[f"{role}_id"] = found[0]
+    return ids
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer | SpecialTokens, config: Any, tokenizer_source: str,
+def check_tokenizer_fits(ids: Mapping[str, Any], config: Any, tokenizer_source: str,
                          model: str | os.PathLike) -> None:
-    """Refuse, naming both, a tokenizer whose ids do not fit the model config (an `MraConfig`): more ids than the
-    vocabulary, or a ``<pad>`` / ``<s>`` / ``</s>`` id other than the config's ``pad`` / ``bos`` / ``eos`` id."""
-    ids = tokenizer if isinstance(tokenizer, SpecialTokens) else tokenizer_ids(tokenizer)
-    get = (lambda k: getattr(ids, k)) if isinstance(ids, SpecialTokens) else ids.get
+    """Refuse, naming both, tokenizer ids (`tokenizer_ids`, or a `SpecialTokens` as a dict) that do not fit the
+    model config (an `MraConfig`): more ids than the vocabulary, or a ``<pad>`` / ``<s>`` / ``</s>`` id other than
+    the config's ``pad`` / ``bos`` / ``eos`` id."""
     errors = []
-    if get("vocab_size") > config.vocab_size:
-        errors.append(f"it has {get('vocab_size')} ids, the model's vocabulary {config.vocab_size}")
+    if ids["vocab_size"] > config.vocab_size:
+        errors.append(f"it has {ids['vocab_size']} ids, the model's vocabulary {config.vocab_size}")
     for role, key, theirs in (("<pad>", "pad_id", config.pad_token_id), ("<s>", "cls_id", config.bos_token_id),
                               ("</s>", "sep_id", config.eos_token_id)):
-        ours = get(key)
+        ours = ids.get(key)
         if ours is not None and theirs is not None and ours != theirs:
             errors.append(f"its {role} is id {ours}, the model's {theirs}")
     if errors:
@@ -217,7 +213,7 @@ def pack(documents_ids: Sequence[Sequence[int]], seq_len: int, special: SpecialT
 
 class NpySequences(Sequence):
     """Packed sequences of a ``[N, seq_len]`` integer ``.npy`` file, memory-mapped (never loaded whole); ids are
-    checked against the vocabulary as rows are read. ``rows`` (a `Holdout`) selects some of them."""
+    checked against the vocabulary as rows are read."""
 
     def __init__(self, name: str, seq_len: int, vocab_size: int):
         path = pathlib.Path(name)
@@ -296,8 +292,10 @@ def prepare_text_files(cfg: DataConfig, out: str | os.PathLike, tokenizer: Token
     existing store is reused as it is); ``None`` if there are none (only ``.npy`` inputs)."""
     inputs, eval_inputs = text_files(cfg.train_files), text_files(cfg.eval_files)
     out = pathlib.Path(out)
-    if not (inputs or eval_inputs) or store.is_store(out):
-        return out if store.is_store(out) else None
+    if store.is_store(out):
+        return out
+    if not (inputs or eval_inputs):
+        return None
     store.prepare_store(inputs, out, tokenizer, eval_inputs=eval_inputs, text_field=cfg.text_field,
                         eval_fraction=0.0 if cfg.eval_files else cfg.eval_fraction, seed=cfg.shuffle_seed,
                         progress=progress)

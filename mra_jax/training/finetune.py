@@ -34,7 +34,7 @@ from mra_jax.options import RuntimeOptions
 from mra_jax.training import rundir, runtime, task_metrics, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
-from mra_jax.training.data import check_tokenizer_fits, load_tokenizer
+from mra_jax.training.data import check_tokenizer_fits, load_tokenizer, tokenizer_ids
 from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.metrics import MetricsWriter
 from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
@@ -159,7 +159,8 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
     output_dir = pathlib.Path(cfg.output_dir).absolute()
     mesh = runtime.build_mesh(cfg.mesh)
     tokenizer, tokenizer_path = find_tokenizer(cfg)
-    check_tokenizer_fits(tokenizer, MraConfig.from_pretrained(cfg.model), f"tokenizer {tokenizer_path}", cfg.model)
+    base_config = MraConfig.from_pretrained(cfg.model)
+    check_tokenizer_fits(tokenizer_ids(tokenizer), base_config, f"tokenizer {tokenizer_path}", cfg.model)
     pad_id = tasks.pad_token_id(tokenizer)
     splits = tasks.load_splits(cfg.task, cfg.data, tokenizer)
     train, evaluation = splits["train"], splits.get("eval")
@@ -181,7 +182,6 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         names = train.label_names if not regression else ["score"]
         num_labels = len(names)
         overrides = {"id2label": dict(enumerate(names)), "problem_type": problem_type}
-    base_config = MraConfig.from_pretrained(cfg.model)
     runtime.check_fits(base_config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.max_seq_len)
     if cfg.data.eval_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by mesh.data x "

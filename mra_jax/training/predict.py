@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from mra_jax.training import task_metrics, tasks
-from mra_jax.training.data import check_tokenizer_fits, load_tokenizer
+from mra_jax.training.data import check_tokenizer_fits, load_tokenizer, tokenizer_ids
 
 ARCHITECTURE_TASKS = {"MraForSequenceClassification": "sequence_classification",
                       "MraForTokenClassification": "token_classification",
@@ -165,7 +165,7 @@ class Predictor:
             if task == "sequence_classification" else None
         tokenizer_path = find_model_tokenizer(self.model_dir, tokenizer)
         self.tokenizer = load_tokenizer(tokenizer_path)
-        check_tokenizer_fits(self.tokenizer, config, f"tokenizer {tokenizer_path}", self.model_dir)
+        check_tokenizer_fits(tokenizer_ids(self.tokenizer), config, f"tokenizer {tokenizer_path}", self.model_dir)
         model = MODEL_CLASSES[task].from_pretrained(self.model_dir, options=RuntimeOptions(implementation=attention))
         graphdef, self.params = nnx.split(model, nnx.Param)
         loss_fn, _ = task_loss(task, self.problem_type)

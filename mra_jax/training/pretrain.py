@@ -97,7 +97,7 @@ def model_config_for(cfg: PretrainConfig, special: data_lib.SpecialTokens,
     """The model config and whether the model starts from a checkpoint (whose config the tokenizer must fit)."""
     if os.path.isdir(cfg.model):
         config = MraConfig.from_pretrained(cfg.model)
-        data_lib.check_tokenizer_fits(special, config, tokenizer_source, cfg.model)
+        data_lib.check_tokenizer_fits(dataclasses.asdict(special), config, tokenizer_source, cfg.model)
         return config, True
     config = MraConfig.from_pretrained(cfg.model)
     config = dataclasses.replace(config, vocab_size=special.vocab_size, pad_token_id=special.pad_id,
@@ -224,6 +224,8 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
     config, from_checkpoint = model_config_for(cfg, special, tokenizer_source)
     job = build_pretraining(cfg, config, mesh, special)  # refuses what the mesh cannot split, before any work
     started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
+    # Data last among the checks: with data.train_files, its store is prepared into output_dir/data first.
+    train_seqs, eval_seqs = data_lib.open_sequences(cfg.data, _token_store(cfg, output_dir, tokenizer), special)
     if primary:
         rundir.record_config(output_dir, to_yaml(cfg))
         _write_text(output_dir / "model_config.json", config.to_json_string())
@@ -239,7 +241,6 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
     _, state, _ = init_state(job.build, job.tx, mesh, cfg.mesh.rules, start_params)
     del start_params
 
-    train_seqs, eval_seqs = data_lib.open_sequences(cfg.data, _token_store(cfg, output_dir, tokenizer), special)
     iterator = data_lib.train_iterator(train_seqs, cfg.data.batch_size, cfg.data.shuffle_seed, special.pad_id,
                                        jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)
     evals = data_lib.eval_batches(eval_seqs, cfg.data.batch_size, special.pad_id, cfg.data.eval_batches,

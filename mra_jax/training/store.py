@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from mra_jax.atomic import move_into_place
+
 FORMAT = "mra-jax-token-store"
 VERSION = 1
 SPLITS = ("train", "eval")
@@ -146,58 +148,61 @@ def _check_text(text: Any, where: Callable[[], str], text_field: str) -> str:
     return text
 
 
-def unit_documents(unit: Unit, text_field: str) -> Iterator[str]:
-    """The non-empty documents of ``unit`` in order; `ValueError` naming the file and line / row of bad input."""
-    if unit.kind == "lines":
-        jsonl = unit.path.endswith(".jsonl")
-        with open(unit.path, "rb") as f:
-            if unit.start:
-                f.seek(unit.start - 1)
-                f.readline()  # the line that started before this unit belongs to the previous one
-            pos = f.tell()
-            while pos < unit.stop:
-                raw = f.readline()
-                if not raw:
-                    break
+def _jsonl_text(line: str, text_field: str, where: Callable[[], str]) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where()}: invalid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where()}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise ValueError(f"{where()}: missing field {text_field!r} (fields: {sorted(record)})")
+    return _check_text(record[text_field], where, text_field)
 
-                def where(at: int = pos) -> str:
-                    return f"{unit.path}:{_line_number(unit.path, at)}"
 
-                pos += len(raw)
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where()}: invalid UTF-8: {e}") from None
-                if not line:
-                    continue
-                if jsonl:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where()}: invalid JSON: {e}") from None
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{where()}: expected a JSON object, got {type(record).__name__}")
-                    if text_field not in record:
-                        raise ValueError(f"{where()}: missing field {text_field!r} (fields: {sorted(record)})")
-                    line = _check_text(record[text_field], where, text_field)
-                    if not line.strip():
-                        continue
+def _line_documents(unit: Unit, text_field: str) -> Iterator[str]:
+    """The documents of the lines that start in bytes ``[start, stop)`` of a .txt / .jsonl file; the line number
+    of bad input is counted only when there is some."""
+    jsonl = unit.path.endswith(".jsonl")
+    with open(unit.path, "rb") as f:
+        if unit.start:
+            f.seek(unit.start - 1)
+            f.readline()  # the line that started before this unit belongs to the previous one
+        pos = f.tell()
+        while pos < unit.stop and (raw := f.readline()):
+            def where(at: int = pos) -> str:
+                return f"{unit.path}:{_line_number(unit.path, at)}"
+
+            pos += len(raw)
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where()}: invalid UTF-8: {e}") from None
+            if line and jsonl:
+                line = _jsonl_text(line, text_field, where)
+            if line.strip():
                 yield line
-        return
+
+
+def _row_documents(unit: Unit, text_field: str) -> Iterator[str]:
+    """The non-empty texts of a parquet row group or of a datasets directory's rows."""
     if unit.kind == "parquet":
         import pyarrow.parquet as pq
 
-        texts = pq.ParquetFile(unit.path).read_row_group(unit.start, columns=[text_field]).column(0).to_pylist()
-        first = sum(pq.ParquetFile(unit.path).metadata.row_group(g).num_rows for g in range(unit.start))
+        parquet = pq.ParquetFile(unit.path)
+        texts = parquet.read_row_group(unit.start, columns=[text_field]).column(0).to_pylist()
+        first = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
     else:
         texts = _load_datasets(unit.path).select(range(unit.start, unit.stop))[text_field]
         first = unit.start
     for i, text in enumerate(texts):
-        if text is None:
-            continue
-        text = _check_text(text, lambda i=i: f"{unit.path}: row {first + i}", text_field)
-        if text.strip():
+        if text is not None and _check_text(text, lambda i=i: f"{unit.path}: row {first + i}", text_field).strip():
             yield text
+
+
+def unit_documents(unit: Unit, text_field: str) -> Iterator[str]:
+    """The non-empty documents of ``unit`` in order; `ValueError` naming the file and line / row of bad input."""
+    return _line_documents(unit, text_field) if unit.kind == "lines" else _row_documents(unit, text_field)
 
 
 def sample_documents(units: Sequence[Unit], text_field: str, budget: int) -> list[str]:
@@ -324,6 +329,13 @@ def is_store(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_output(out: str | os.PathLike, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``, and even then one that is not a token store."""
+    if os.path.exists(out) and not (force and is_store(out)):
+        raise ValueError(f"{out} already exists" + (" and is not a token store; refusing to replace it" if force else
+                                                    "; choose another output or pass --force to replace a store"))
+
+
 def prepare_store(inputs: Sequence[str], out: str | os.PathLike, tokenizer: Tokenizer, *,
                   eval_inputs: Sequence[str] = (), text_field: str = "text", eval_fraction: float = 0.0,
                   seed: int = 0, workers: int = 1, unit_bytes: int = UNIT_BYTES, force: bool = False,
@@ -341,9 +353,7 @@ def prepare_store(inputs: Sequence[str], out: str | os.PathLike, tokenizer: Toke
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
     out = pathlib.Path(out).absolute()
-    if out.exists() and not (force and is_store(out)):
-        raise ValueError(f"{out} already exists" + (" and is not a token store; refusing to replace it" if force else
-                                                    "; choose another output or pass --force to replace a store"))
+    check_output(out, force)
     special = special_tokens(tokenizer)
     units = (plan_units(inputs, text_field, unit_bytes=unit_bytes)
              + plan_units(eval_inputs, text_field, split="eval", unit_bytes=unit_bytes))
@@ -367,9 +377,7 @@ def prepare_store(inputs: Sequence[str], out: str | os.PathLike, tokenizer: Toke
     (partial / "metadata.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(partial / "units")
     (partial / "plan.json").unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    move_into_place(partial, out)
     return meta
 
 
