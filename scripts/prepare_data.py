@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1 or args.unit_mb <= 0 or args.tokenizer_sample_mb <= 0:
             raise ValueError("--workers, --unit-mb and --tokenizer-sample-mb must be positive")
+        if not 0.0 <= args.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction={args.eval_fraction} must be in [0, 1)")
         store.check_output(args.out, args.force)  # before a tokenizer is trained
         unit_bytes = max(1, int(args.unit_mb * 2**20))
         if args.tokenizer:

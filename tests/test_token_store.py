@@ -181,7 +181,7 @@ def test_bad_inputs_are_named(tmp_path, tok, content, message):
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
         store.prepare_store([str(path)], tmp_path / "s", tok, unit_bytes=1000, progress=False)
-    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists() and not (tmp_path / ".s.partial").exists()  # nothing left behind
 
 
 def test_other_input_errors(tmp_path, tok):

@@ -60,9 +60,10 @@ def validate(cfg: PretrainConfig, data: bool = True) -> None:
 def data_errors(cfg: data_lib.DataConfig) -> list[str]:
     """Problems with the data section, the inputs' existence and types included (nothing is read whole)."""
     if cfg.prepared:
-        return [] if store.is_store(cfg.prepared) else [
-            f"data.prepared={cfg.prepared} is not a token store (no metadata.json; write one with "
-            "scripts/prepare_data.py)"]
+        if store.is_store(cfg.prepared):
+            return []
+        problem = "is not a token store (no metadata.json)" if os.path.exists(cfg.prepared) else "does not exist"
+        return [f"data.prepared={cfg.prepared} {problem}; write a store with scripts/prepare_data.py"]
     if not cfg.train_files:
         return ["set data.prepared (a token store: scripts/prepare_data.py) or data.train_files"]
     if not 0.0 <= cfg.eval_fraction < 1.0:

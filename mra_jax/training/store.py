@@ -372,8 +372,12 @@ def prepare_store(inputs: Sequence[str], out: str | os.PathLike, tokenizer: Toke
     todo = [i for i in range(len(units)) if i not in records]
     if records:
         log(f"resuming the preparation of {out}: {len(records)} of {len(units)} units already done")
-    _run_units(units, todo, job, partial, workers, records, progress)
-    meta = _metadata(plan, units, records, special, tokenizer)
+    try:
+        _run_units(units, todo, job, partial, workers, records, progress)
+        meta = _metadata(plan, units, records, special, tokenizer)
+    except ValueError:  # bad input: fixing it changes the plan, so nothing here could be reused
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     (partial / "metadata.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(partial / "units")
     (partial / "plan.json").unlink()
