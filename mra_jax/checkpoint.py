@@ -25,10 +25,43 @@ from mra_jax.conversion.loading import Path, Request
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each array's bytes, written by `save_params`, verified on load
+TRAINING_CHECKSUMS = "checksums/metadata"  # a training checkpoint's sha256 per array shard (training.checkpointing)
+TRAINING_ONLY_ITEM = "opt_state"  # what marks a step of a training run
 
 
 def _sha256(value: jax.Array | np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _region(where: str) -> tuple[slice, ...]:
+    """A shard's global slice as recorded (``"0:4,0:64"``; ``""`` for a scalar) -> slices."""
+    return tuple(slice(int(a), int(b)) for a, b in (part.split(":") for part in where.split(","))) if where else ()
+
+
+def mismatched_shards(recorded: dict[str, dict[str, str]], held: dict[str, jax.Array | np.ndarray]) -> list[str]:
+    """The names of ``held``'s arrays whose bytes differ from a recorded sha256 ``{name: {global slice: digest}}``.
+
+    A recorded slice is checked wherever this process holds a shard that contains it (the whole array, or the shard
+    of another mesh that covers it), so arrays restored on any sharding are verified against any saved one.
+    """
+    bad = []
+    for name, value in held.items():
+        shards = ([(shard.index, shard.data) for shard in value.addressable_shards] if isinstance(value, jax.Array)
+                  else [((), value)])
+        for where, digest in recorded.get(name, {}).items():
+            region = _region(where)
+            for index, data in shards:
+                index = tuple(index) + (slice(None),) * (len(region) - len(index))
+                starts = [0 if i.start is None else i.start for i in index]
+                stops = [dim if i.stop is None else i.stop for i, dim in zip(index, value.shape, strict=True)]
+                if all(lo <= r.start and r.stop <= hi for r, lo, hi in zip(region, starts, stops, strict=True)):
+                    local = tuple(slice(r.start - lo, r.stop - lo) for r, lo in zip(region, starts, strict=True))
+                    if _sha256(np.asarray(data)[local]) != digest:
+                        bad.append(name)
+                    break
+            if bad and bad[-1] == name:
+                break
+    return bad
 
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:
@@ -94,10 +127,15 @@ def _quiet_item_metadata() -> Iterator[None]:
 class OrbaxSource:
     """The parameters of an Orbax checkpoint seen as HF-named tensors (see `mra_jax.conversion.loading`)."""
 
-    def __init__(self, directory: str | os.PathLike, architecture: str | None):
+    def __init__(self, directory: str | os.PathLike, architecture: str | None, verify: bool = True):
         self.directory = pathlib.Path(directory).absolute() / PARAMS_DIR
         self.description = str(directory)
         self.architecture = architecture
+        self.verify = verify
+        step = self.directory.parent
+        if verify and (step / TRAINING_ONLY_ITEM).is_dir() and not (step / TRAINING_CHECKSUMS).is_file():
+            raise ValueError(f"training checkpoint {step} has no checksums ({TRAINING_CHECKSUMS} is missing), so its "
+                             "content cannot be verified; pass --allow-unverified (verify=False) to use it anyway")
         try:
             with _quiet_item_metadata():
                 metadata = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
@@ -152,7 +190,25 @@ class OrbaxSource:
             yield path, flat[tuple(str(p) for p in self.paths[name])]
 
     def _verify(self, flat: dict, requests: list[Request]) -> None:
-        """Compare the restored arrays with the checksums written at save time (where there are some)."""
+        """Compare the restored arrays with the checksums written at save time: a training checkpoint's per shard
+        (required), `save_params`' per array (where there are some)."""
+        if not self.verify:
+            return
+        training = self.directory.parent / TRAINING_CHECKSUMS
+        if training.is_file():
+            try:
+                recorded = json.loads(training.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{training} is unreadable: {e}") from e
+            names = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(str(k)) for k in (PARAMS_DIR, *self.paths[n]))):
+                     n for n, _, _ in requests}  # as the training checkpoint names them
+            held = {key: flat[tuple(str(p) for p in self.paths[name])] for key, name in names.items()}
+            bad = [names[k] for k in held if k not in recorded] + [names[k] for k in mismatched_shards(recorded, held)]
+            if bad:
+                raise ValueError(f"training checkpoint {self.directory.parent} is corrupted: the content of "
+                                 f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} differs from the checksums "
+                                 f"recorded when it was saved ({TRAINING_CHECKSUMS})")
+            return
         checksums = self.directory.parent / CHECKSUMS_FILE
         if not checksums.is_file() or jax.process_count() > 1:
             return

@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mra_jax.sharding import partition_spec
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu", "dense")
 PLATFORMS = (None, "cpu", "gpu", "tpu")
@@ -33,8 +36,11 @@ class RuntimeOptions:
       batch_axes, head_axis: mesh axes of the batch and of the heads (axes missing from the mesh are skipped).
       remat: per-layer rematerialisation: ``"none"``, ``"full"`` (save only the layer inputs) or ``"dots"`` (save
         the outputs of matmuls without batch dimensions, recompute the rest).
-      scan_layers: run the layers under one ``jax.lax.scan`` (their parameters stacked inside the call; the
-        parameter layout stays per layer): compile time independent of depth. Same results as the Python loop.
+      scan_layers: run the layers under one ``jax.lax.scan`` (their parameters stacked inside the call, or held
+        stacked by a training state: `mra_jax.stacked_layers`): compile time independent of depth. Same results as
+        the Python loop.
+      param_rules: with a mesh, the parameters' sharding rules (`mra_jax.sharding.RULES`); under the scan, each
+        layer's parameters and their gradients are constrained to them (as the loop's per-layer arrays are placed).
     """
 
     implementation: str | None = None
@@ -44,6 +50,7 @@ class RuntimeOptions:
     head_axis: str | None = "tensor"
     remat: str = "none"
     scan_layers: bool = False
+    param_rules: str | Mapping[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
@@ -77,6 +84,17 @@ class RuntimeOptions:
         """``x`` constrained to be sharded on its leading (batch) axis; unchanged without a mesh."""
         sharding = self.batch_sharding(x.ndim)
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    def constrain_layer(self, state: nnx.State) -> nnx.State:
+        """A layer's parameters (``state``, one layer of the scan) constrained to their ``param_rules`` shardings."""
+        if self.mesh is None or self.param_rules is None:
+            return state
+        def constrain(path: tuple, variable):
+            spec = partition_spec(("encoder", "layer", 0, *path), variable.shape, self.mesh, self.param_rules)
+            value = jax.lax.with_sharding_constraint(variable.get_value(), NamedSharding(self.mesh, spec))
+            return path, variable.replace(value)
+
+        return nnx.from_flat_state([constrain(p, v) for p, v in nnx.to_flat_state(state)])
 
     def remat_policy(self):
         return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(self.remat)

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mra_jax import stacked_layers
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (pattern on the "/"-joined parameter path, logical axes of the value in NNX layout)
@@ -57,7 +59,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 
 
 def logical_axes(path: Sequence[Hashable], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the parameter at ``path`` (NNX layout)."""
+    """Logical axis names of the parameter at ``path`` (NNX layout; a stacked layer array's leading axis has none)."""
+    if stacked_layers.is_stacked(path):
+        return (None, *logical_axes(stacked_layers.per_layer_path(path, 0), ndim - 1))
     joined = "/".join(map(str, path))
     for pattern, axes in LOGICAL_AXES:
         if re.search(pattern, joined) and len(axes) == ndim:

@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(DEFAULT)
     try:
         run(load_config(DemoConfig, args.config, args.overrides))
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ValueError, OSError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -23,12 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--overwrite", action="store_true",
                         help="move an existing output_dir aside (renamed <output_dir>.old-<UTC time>) and start afresh")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="use a training checkpoint that has no checksums (its content is then not verified)")
     args = parser.parse_intermixed_args(argv)  # --overwrite may come after the overrides
     try:
-        result = run(load_config(FinetuneConfig, args.config, args.overrides), overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        result = run(load_config(FinetuneConfig, args.config, args.overrides), overwrite=args.overwrite,
+                     allow_unverified=args.allow_unverified)
+    except (ValueError, OSError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept", file=sys.stderr)
+        return 130
     if "eval" in result:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if k != "step"))
     print(f"best checkpoint ({result['best_metric']}): {result['best_checkpoint']}")

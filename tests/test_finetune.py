@@ -6,6 +6,7 @@ uninterrupted run did."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import shutil
@@ -167,6 +168,18 @@ def _assert_transformers_agrees(task, hf_name, hf_dir, data, monkeypatch) -> Non
     modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
     run_hf_mra_on_cpu(monkeypatch, modeling_mra)
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    # The usual transformers way of tokenizing gives the ids the model was trained on, special tokens included.
+    theirs = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(hf_dir)
+    with open(data.eval_file) as f:
+        rows = [json.loads(line) for line in f][:20]
+    texts = [v for row in rows for v in row.values() if isinstance(v, str)]
+    texts += [" ".join(v) for row in rows for v in row.values() if isinstance(v, list) and v and isinstance(v[0], str)]
+    assert len(texts) >= 20
+    for text, pair in itertools.pairwise(texts):
+        assert theirs(text)["input_ids"] == tok.encode(text).ids, text
+        assert theirs(text, pair)["input_ids"] == tok.encode(text, pair).ids, (text, pair)
+    assert (theirs.mask_token, theirs.pad_token_id, theirs.cls_token_id) == ("<mask>", tok.token_to_id("<pad>"),
+                                                                            tok.token_to_id("<s>"))
     encoded = tasks.load_splits(task, data, tok)["eval"]
     # One row per batch, padded to the 128 positions HF's block budget needs. HF mixes up the masks of rows that
     # differ when batch > 1, so the choices of a multiple-choice row (HF's batch) are compared unmasked.
@@ -316,3 +329,49 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_work(base_
     mra_jax.MraForSequenceClassification(config, rngs=nnx.Rngs(0)).save_pretrained(classifier, format="hf")
     with pytest.raises(ValueError, match=message):
         predict_lib.Predictor(classifier, tokenizer=str(big))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.max_seq_len=100", "data.bucket=96"],
+     r"data.max_seq_len=100 rounded up to a multiple of data.bucket=96 \(192\) exceeds the model's "
+     r"max_position_embeddings \(128\)"),
+    (["data.max_seq_len=192"], r"data.max_seq_len=192 exceeds the model's max_position_embeddings \(128\)"),
+    (["data.batch_size=-8", "data.eval_batch_size=0"],
+     r"data.batch_size must be at least 1, got -8; data.eval_batch_size must be at least 1, got 0"),
+])
+def test_lengths_and_sizes_the_model_cannot_take_are_refused_before_any_write(overrides, message, base_model,
+                                                                             tmp_path):
+    """A padded length beyond the model's positions used to pass, write checkpoints, then fail at the same step on
+    every rerun; negative batch sizes were refused only after the run's files were written."""
+    train = _write(tmp_path / "train.jsonl", _rows(32, 0))
+    base = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, train)
+    with pytest.raises(ValueError, match=message):
+        run(load_config(FinetuneConfig, None, [*base, *overrides]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_script_never_replaces_its_input_nor_an_existing_file_unasked(base_model, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict_script", "scripts/predict.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    classifier = tmp_path / "clf"
+    config = dataclasses.replace(mra_jax.MraConfig.from_pretrained(base_model), id2label={0: "no", 1: "yes"})
+    mra_jax.MraForSequenceClassification(config, rngs=nnx.Rngs(0)).save_pretrained(
+        classifier, format="hf", tokenizer=base_model / "tokenizer.json")
+    rows = tmp_path / "rows.jsonl"
+    _write(rows, _rows(4, 1))
+    data = rows.read_bytes()
+    out = tmp_path / "rows.predictions.jsonl"
+    for argv, message in (([str(classifier), str(rows), "--out", str(rows)], "is the input file"),
+                          ([str(classifier), str(rows), "--batch-size", "0"], "--batch-size must be at least 1")):
+        assert script.main(argv) == 1 and message in capsys.readouterr().err
+    assert rows.read_bytes() == data and not out.exists()
+    assert script.main([str(classifier), str(rows)]) == 0
+    first = out.read_bytes()
+    assert len(first.splitlines()) == 4
+    out.write_text("mine\n")
+    assert script.main([str(classifier), str(rows)]) == 1
+    assert f"{out} exists; pass --force" in capsys.readouterr().err and out.read_text() == "mine\n"
+    assert script.main([str(classifier), str(rows), "--force"]) == 0 and out.read_bytes() == first

@@ -78,7 +78,7 @@ def reference(shared, env) -> pathlib.Path:
     return out
 
 
-def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference, env):
+def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference, env, tmp_path):
     losses = _losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
     evals = [r for r in _records(reference) if "eval_loss" in r]
@@ -99,6 +99,22 @@ def test_pretraining_lowers_the_loss_and_leaves_loadable_checkpoints(reference, 
                             env=env(1), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr
     assert (reference / "hf" / "model.safetensors").is_file()
+    # The run's tokenizer goes with the export; transformers' AutoTokenizer gives the run's ids.
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(reference / "tokenizer.json"))
+    theirs = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(reference / "hf")
+    for text in ("The river was their home.", "  two  spaces, <mask> and\nnew lines", "ünïcödé 123"):
+        assert theirs(text)["input_ids"] == ours.encode(text).ids, text
+    (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n')
+    predict = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"),
+                              str(reference / "checkpoints" / "30"), str(tmp_path / "rows.jsonl")], cwd=ROOT,
+                             env=env(1), capture_output=True, text=True, timeout=300)
+    assert predict.returncode == 1 and predict.stderr.strip().splitlines()[-1] == (
+        f"error: {reference / 'checkpoints' / '30'} is a masked-LM checkpoint (a pretraining run's), not a fine-tuned "
+        "model (MraForSequenceClassification, MraForTokenClassification, MraForQuestionAnswering, "
+        "MraForMultipleChoice); fine-tune it first (scripts/finetune.py) and predict with that run's export or "
+        "checkpoint")
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, env, tmp_path):
@@ -172,3 +188,57 @@ def test_resume_on_another_mesh_continues_the_uninterrupted_losses(request, env,
     np.testing.assert_allclose(got_eval, want_eval, rtol=2e-5)
     assert (out / "config.yaml").read_text() == first_config  # each start's config is kept
     assert "mesh:\n  data: 4\n  fsdp: 2" in (out / "config.2.yaml").read_text()
+
+
+def test_a_tampered_training_checkpoint_is_neither_loaded_nor_exported(reference, env, tmp_path):
+    """Step 30 of the reference run with step 20's parameters: `from_pretrained` (export, predict, fine-tuning from
+    it) refuses it by the step's recorded checksums; without its checksums it is refused unless allowed."""
+    from flax import nnx
+
+    import mra_jax
+
+    steps = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", steps)
+    shutil.rmtree(steps / "30" / "params")
+    shutil.copytree(steps / "20" / "params", steps / "30" / "params")
+    with pytest.raises(ValueError, match=r"checkpoints/30 is corrupted: the content of "):
+        mra_jax.MraForMaskedLM.from_pretrained(steps / "30")
+    shutil.rmtree(steps / "30" / "checksums")
+    export = [sys.executable, str(ROOT / "scripts" / "export_to_hf.py"), "--checkpoint", str(steps / "30"), "--out",
+              str(tmp_path / "hf")]
+    done = subprocess.run(export, cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and not (tmp_path / "hf").exists()
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: training checkpoint {steps / '30'} has no checksums (checksums/metadata is missing), so its content "
+        "cannot be verified; pass --allow-unverified (verify=False) to use it anyway")
+    done = subprocess.run([*export, "--allow-unverified"], cwd=ROOT, env=env(1), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    intact = mra_jax.MraForMaskedLM.from_pretrained(steps / "20")
+    exported = mra_jax.MraForMaskedLM.from_pretrained(tmp_path / "hf")  # step 20's weights, as accepted
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(exported, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(intact, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+
+
+def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes(request, env, tmp_path):
+    """SIGINT (Ctrl-C) once the run has a checkpoint, or during compilation: exit 130 and one line, no traceback;
+    the checkpoints written are complete and the run resumes from the last."""
+    out = tmp_path / "run"
+    for wait_for_checkpoint in (False, True):
+        process = subprocess.Popen(_command(out), cwd=ROOT, env=env(8), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and process.poll() is None:
+            if (out / "checkpoints" / "10").is_dir() if wait_for_checkpoint else (out / "model_config.json").is_file():
+                break
+            time.sleep(0.05)
+        time.sleep(0 if wait_for_checkpoint else 0.5)  # (then the step's compilation runs for seconds)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 130, err[-3000:]
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("W", "I"))]
+        assert lines[-1] == "interrupted: the last complete checkpoint is kept" and "Traceback" not in err, err[-3000:]
+    done = subprocess.run(_command(out), cwd=ROOT, env=env(8), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"resuming .* from step (10|20) ", done.stdout), done.stdout

@@ -140,7 +140,7 @@ def test_scripts_pass_overwrite_to_run(script, monkeypatch, capsys):
     spec.loader.exec_module(module)
     calls = []
 
-    def fake_run(cfg, *, overwrite=False):
+    def fake_run(cfg, *, overwrite=False, allow_unverified=False):
         calls.append(overwrite)
         raise ValueError("refused")
 
@@ -210,3 +210,39 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tmp_path
     with pytest.raises(RuntimeError):
         failing_run()
     rundir.start(_config(tmp_path / "run"), tmp_path / "run").lock.close()  # released by the failed run
+
+
+def test_a_directory_of_another_kind_or_of_no_run_or_whose_checkpoints_are_gone_is_refused(run_dir, tmp_path):
+    """Fine-tuning into a pretraining run, a run into a user's directory, and a run whose results remain but whose
+    checkpoints were removed: each refused in one line, nothing written."""
+    from mra_jax.training.finetune import FinetuneConfig
+
+    before = snapshot(run_dir)
+    finetune = load_config(FinetuneConfig, None, [f"output_dir={run_dir}", "model=m", "steps=100"])
+    with pytest.raises(ValueError, match=rf"^{run_dir} holds a pretraining run; a fine-tuning run needs its own "
+                                         r"output_dir$"):
+        rundir.start(finetune, run_dir)
+    assert snapshot(run_dir) == before
+
+    user = tmp_path / "my-data"
+    user.mkdir()
+    (user / "config.yaml").write_text("learning: fast\n")  # a user's file, not a run's config
+    other = tmp_path / "my-other-data"
+    other.mkdir()
+    (other / "data.jsonl").write_text("{}\n")
+    for directory in (user, other):
+        before = snapshot(directory)
+        with pytest.raises(ValueError, match=rf"^{directory} is not empty and holds no run of mra-jax"):
+            rundir.start(_config(directory), directory)
+        assert snapshot(directory) == before
+
+    finished = tmp_path / "finished"
+    rundir.record_config(finished, to_yaml(_config(finished)))
+    (finished / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (finished / "hf").mkdir()
+    before = snapshot(finished)
+    with pytest.raises(ValueError, match=r"holds a run with results \(metrics.jsonl, hf/\) but no checkpoint to resume "
+                                         r"from: starting again would replace them; use another output_dir, or "
+                                         r"--overwrite"):
+        rundir.start(_config(finished), finished)
+    assert snapshot(finished) == before

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import mra_jax
+from mra_jax import stacked_layers
 from mra_jax.options import RuntimeOptions
 from mra_jax.training import optim
 from mra_jax.training import step as step_lib
@@ -137,7 +138,7 @@ def test_sharded_train_step_with_scan_equals_the_loop():
              "attention_mask": jnp.ones((8, S), jnp.int32)}
     results = []
     for scan in (False, True):
-        options = RuntimeOptions(mesh=mesh, scan_layers=scan)
+        options = RuntimeOptions(mesh=mesh, scan_layers=scan, param_rules="fsdp")
         graphdef, state, shardings = step_lib.init_state(
             lambda options=options: mra_jax.MraForMaskedLM(config, rngs=nnx.Rngs(0), options=options), tx, mesh,
             "fsdp")
@@ -145,7 +146,16 @@ def test_sharded_train_step_with_scan_equals_the_loop():
                                          shardings=shardings, prepare=mlm_masking(spec),
                                          batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
         new_state, metrics = train(state, batch)
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new_state.params)))
-    (loss, norm, params), (scan_loss, scan_norm, scan_params) = results
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), new_state))
+    (loss, norm, state), (scan_loss, scan_norm, scan_state) = results
     assert scan_loss == pytest.approx(loss, rel=1e-6) and scan_norm == pytest.approx(norm, rel=1e-5)
-    _assert_same(scan_params, params, rtol=1e-5)
+    # The scanning model's state is stacked: one array per layer parameter, sharded as each layer's is.
+    kernel = scan_state.params["mra"]["encoder"]["layer"]["intermediate"]["dense"]["kernel"]
+    assert kernel.shape == (2, 64, 48) and kernel.sharding.spec == PartitionSpec(None, "fsdp", None)
+    assert state.params["mra"]["encoder"]["layer"][1]["intermediate"]["dense"]["kernel"].sharding.spec == (
+        PartitionSpec("fsdp", None))
+    assert stacked_layers.num_stacked_layers(scan_state.opt_state) == 2
+    _assert_same(jax.device_get(stacked_layers.unstack(scan_state.params, 2)), jax.device_get(state.params),
+                 rtol=1e-5)
+    _assert_same(jax.device_get(stacked_layers.unstack(scan_state.opt_state, 2)), jax.device_get(state.opt_state),
+                 rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +220,33 @@ def test_string_fields_keep_the_text_given():
     assert (cfg.output_dir, cfg.data.tokenizer, cfg.model, cfg.attention, cfg.steps, cfg.data.text_field) == (
         "0123", "on", "1e3", None, 7, "body")
     assert cfg.data.train_files == ["a.txt", "b.jsonl"]
+    one = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["data.train_files=a.jsonl"])
+    assert one.data.train_files == ["a.jsonl"]  # one file needs no brackets
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "demo"])
+def test_yaml_and_override_syntax_errors_are_one_line_errors(script, tmp_path, capsys):
+    """Each script reports a broken YAML file, a YAML list and a malformed override in one line (no traceback)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script, f"scripts/{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "broken.yaml").write_text("steps: 10\ndata: {seq_len: [1\n")
+    (tmp_path / "list.yaml").write_text("- steps\n- 10\n")
+    cases = [([str(tmp_path / "broken.yaml")], r"^error: config file .*broken\.yaml is not valid YAML: did not find "
+                                                r"expected ',' or '\]' \(line 3, column 1\)$"),
+             ([str(tmp_path / "list.yaml")], r"^error: config file .*list\.yaml must hold a mapping of keys at its "
+                                             r"top level, not a list$")]
+    if script != "demo":
+        key = "train_files" if script == "pretrain" else "labels"
+        cases.append(([f"configs/{script}/{'tiny.yaml' if script == 'pretrain' else 'listops-tiny.yaml'}",
+                       f"data.{key}=[a.jsonl"], rf"^error: override 'data\.{key}=\[a\.jsonl': its value is not "
+                                                r"valid YAML: did not find expected ',' or '\]'$"))
+    for argv, message in cases:
+        assert module.main(argv) != 0
+        err = capsys.readouterr().err
+        assert re.match(message, err.strip()) and len(err.strip().splitlines()) == 1, err
 
 
 def test_unknown_keys_and_wrong_types_are_refused():
@@ -283,7 +311,9 @@ def test_remat_policies_give_the_same_gradients():
 
 def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(tmp_path):
     """Two well-formed checkpoints; one's parameter files swapped for the other's decode fine but are refused by
-    the checksums written at save time (per array and shard, on an 8-device mesh); the intact one restores."""
+    the checksums written at save time (per array and shard, on an 8-device mesh), also when restored on another
+    mesh; so is the swap with its checksums, a whole step under another number, and a step without checksums
+    (unless allowed); the intact one restores on either mesh."""
     import shutil
 
     import grain
@@ -299,7 +329,8 @@ def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(t
     states = []
     for step in (1, 2):
         params = {"w": jax.device_put(jnp.full((16, 4), float(step)), rows), "b": jnp.arange(3.0) * step}
-        state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optimizer.init(params))
+        opt_state = optimizer.update(params, optimizer.init(params), params)[1]  # moments that differ by step
+        state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
         data = iter(grain.MapDataset.range(10).to_iter_dataset())
         ckpts.save(state, data, tiny, {"seed": 0})
         states.append(state)
@@ -313,12 +344,38 @@ def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(t
     restored, meta = restore(2)
     np.testing.assert_array_equal(np.asarray(restored.params["w"]), 2.0)
     assert meta["step"] == 2
-    shutil.rmtree(tmp_path / "ckpt" / "2" / "params")
+    # Restored on another mesh (4 devices, 4 rows each, where the save had 8 x 2): each recorded slice is checked
+    # inside the shard that covers it.
+    other = NamedSharding(jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                                        axis_types=(jax.sharding.AxisType.Auto,)), PartitionSpec("data"))
+    on_other = jax.tree.map(lambda s: other if s == rows else s, shardings)
+    restored, _ = ckpts.restore(2, states[1], on_other, iter(grain.MapDataset.range(10).to_iter_dataset()))
+    assert restored.params["w"].sharding == other
+    shutil.copytree(tmp_path / "ckpt" / "1", tmp_path / "ckpt" / "3")  # a whole step (checksums too) renamed
+    ckpts.close()
+    ckpts = TrainCheckpoints(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt/3 says it holds step 1: its items were moved from another step"):
+        restore(3)
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "params")  # step 1's parameters in step 2: refused on either mesh
     shutil.copytree(tmp_path / "ckpt" / "1" / "params", tmp_path / "ckpt" / "2" / "params")
-    with pytest.raises(ValueError, match=r"ckpt/2 is corrupted: the content of \['params'\]\['b'\], "
-                                         r"\['params'\]\['w'\] differs from the checksums"):
+    for other_shardings in (shardings, on_other):
+        with pytest.raises(ValueError, match=r"ckpt/2 is corrupted: the content of \['params'\]\['b'\], "
+                                             r"\['params'\]\['w'\] differs from the checksums"):
+            ckpts.restore(2, states[1], other_shardings, iter(grain.MapDataset.range(10).to_iter_dataset()))
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "checksums")  # ... with step 1's checksums too: the rest differs
+    shutil.copytree(tmp_path / "ckpt" / "1" / "checksums", tmp_path / "ckpt" / "2" / "checksums")
+    with pytest.raises(ValueError, match=r"ckpt/2 is corrupted: the content of \['opt_state'\]"):
+        restore(2)
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "checksums")  # ... with no checksums at all: refused unless allowed
+    with pytest.raises(ValueError, match=r"ckpt/2 has no checksums \(checksums/ is missing\), so its content "
+                                         r"cannot be verified; pass --allow-unverified"):
         restore(2)
     ckpts.close()
+    shutil.rmtree(tmp_path / "ckpt" / "1" / "checksums")
+    unverified = TrainCheckpoints(tmp_path / "ckpt", allow_unverified=True)
+    restored, _ = unverified.restore(1, states[1], shardings, iter(grain.MapDataset.range(10).to_iter_dataset()))
+    np.testing.assert_array_equal(np.asarray(restored.params["w"]), 1.0)
+    unverified.close()
 
 
 def test_checksums_are_hashed_in_the_background_before_the_step_commits(tmp_path, monkeypatch):
@@ -377,3 +434,18 @@ def test_training_checkpoints_keep_the_best_by_metric_beside_the_latest(tmp_path
         assert ckpts.best_step() == best and ckpts.latest_step() == 4
         assert sorted(int(p.name) for p in (tmp_path / mode).iterdir() if p.name.isdigit()) == [best, 4]
         ckpts.close()
+
+
+def test_a_mesh_larger_than_the_devices_is_named_once_with_the_cpu_hint():
+    from mra_jax.training.config import MeshConfig
+    from mra_jax.training.runtime import build_mesh
+
+    count = jax.device_count()
+    with pytest.raises(ValueError) as info:
+        build_mesh(MeshConfig(data=2, fsdp=count))
+    message = str(info.value)
+    assert message == (f"mesh {{'data': 2, 'fsdp': {count}, 'tensor': 1}} needs {2 * count} devices, {count} "
+                       f"available; on CPUs, XLA_FLAGS=--xla_force_host_platform_device_count={2 * count} (set before "
+                       f"Python starts) makes {2 * count} devices")
+    with pytest.raises(ValueError, match=r"mesh sizes must be positive or -1, got \{'fsdp': 0\}"):
+        build_mesh(MeshConfig(fsdp=0))

@@ -1,8 +1,11 @@
-"""Write parameters as an HF checkpoint directory (``config.json`` + ``model.safetensors``)."""
+"""Write parameters as an HF checkpoint directory (``config.json`` + ``model.safetensors``), and a tokenizer beside
+them that transformers' ``AutoTokenizer`` loads unchanged."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 from flax import nnx
@@ -34,3 +37,34 @@ def write_hf_checkpoint(model: nnx.Module, directory: str | os.PathLike) -> None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; config.json and the rest get the usual mode
+
+
+SPECIAL_TOKENS = {"bos_token": ("<s>", "[CLS]"), "eos_token": ("</s>", "[SEP]"), "cls_token": ("<s>", "[CLS]"),
+                  "sep_token": ("</s>", "[SEP]"), "pad_token": ("<pad>", "[PAD]"), "mask_token": ("<mask>", "[MASK]"),
+                  "unk_token": ("<unk>", "[UNK]")}
+"""transformers' special-token attributes, and the tokens (RoBERTa's or BERT's) that fill them."""
+
+
+def write_hf_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, config: MraConfig) -> None:
+    """``tokenizer.json`` (a copy of ``source``) and a ``tokenizer_config.json`` naming the generic fast tokenizer,
+    so that ``AutoTokenizer.from_pretrained(directory)`` gives the ids the model was trained on. (Without it,
+    transformers picks MRA's default, RoBERTa's tokenizer class, which rewrites the pre-tokenizer's settings.)"""
+    from tokenizers import Tokenizer  # (the [train] extra's; only exports with a tokenizer need it)
+
+    try:
+        tokenizer = Tokenizer.from_file(os.fspath(source))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise ValueError(f"{source}: not a readable tokenizer.json: {' '.join(str(e).split())}") from None
+    specials = {}
+    for attribute, names in SPECIAL_TOKENS.items():
+        found = [name for name in names if tokenizer.token_to_id(name) is not None]
+        if found:
+            specials[attribute] = found[0]
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+                "model_max_length": config.max_position_embeddings - POSITION_OFFSET,
+                "clean_up_tokenization_spaces": False}
+    if os.path.abspath(source) != os.path.abspath(os.path.join(directory, "tokenizer.json")):
+        shutil.copyfile(source, os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+        f.write("\n")

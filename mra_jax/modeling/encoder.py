@@ -116,9 +116,10 @@ class MraLayer(nnx.Module):
 class MraEncoder(nnx.Module):
     """The layers; each is rematerialised in the backward pass as ``options.remat`` says.
 
-    With ``options.scan_layers`` they run under one ``jax.lax.scan`` over their parameters, stacked inside the call
-    (compile time independent of depth; the parameters stay per layer at ``encoder/layer/<i>``). Both paths compute
-    the same: layer ``i`` draws its dropout from ``fold_in(key, i)``, ``key`` drawn once from ``rngs``.
+    With ``options.scan_layers`` they run under one ``jax.lax.scan`` over their parameters: compile time independent
+    of depth. The parameters stay per layer at ``encoder/layer/<i>`` (stacked inside the call) unless `stack_layers`
+    made ``layer`` one `MraLayer` of stacked arrays (the training layout, `mra_jax.stacked_layers`). All paths
+    compute the same: layer ``i`` draws its dropout from ``fold_in(key, i)``, ``key`` drawn once from ``rngs``.
     """
 
     def __init__(self, config: MraConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
@@ -142,22 +143,43 @@ class MraEncoder(nnx.Module):
 
         if options.remat != "none":
             run = nnx.remat(run, policy=options.remat_policy())
-        if not options.scan_layers:
+        if not options.scan_layers and not isinstance(self.layer, MraLayer):
             all_hidden = [hidden_states]
             for index, layer in enumerate(self.layer):
                 hidden_states = run(layer, hidden_states, index)
                 all_hidden.append(hidden_states)
             return hidden_states, tuple(all_hidden) if output_hidden_states else None
 
-        graphdef = nnx.graphdef(self.layer[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in self.layer))
+        if isinstance(self.layer, MraLayer):
+            graphdef, stacked = nnx.split(self.layer)
+        else:
+            graphdef, stacked = nnx.graphdef(self.layer[0]), _stacked_state(self.layer)
+        depth = jax.tree.leaves(stacked)[0].shape[0]
 
         def body(hidden: jax.Array, xs: tuple[jax.Array, nnx.State]) -> tuple[jax.Array, jax.Array | None]:
             index, state = xs
-            hidden = run(nnx.merge(graphdef, state), hidden, index)
+            hidden = run(nnx.merge(graphdef, options.constrain_layer(state)), hidden, index)
             return hidden, hidden if output_hidden_states else None
 
-        last, ys = jax.lax.scan(body, hidden_states, (jnp.arange(len(self.layer)), stacked))
+        last, ys = jax.lax.scan(body, hidden_states, (jnp.arange(depth), stacked))
         if not output_hidden_states:
             return last, None
-        return last, (hidden_states, *(ys[i] for i in range(len(self.layer))))
+        return last, (hidden_states, *(ys[i] for i in range(depth)))
+
+    def stack_layers(self) -> None:
+        """Hold the layers as one `MraLayer` whose arrays have a leading axis of the layers (in place)."""
+        if not isinstance(self.layer, MraLayer):
+            self.layer = nnx.merge(nnx.graphdef(self.layer[0]), _stacked_state(self.layer))
+
+
+def _stacked_state(layers: nnx.List) -> nnx.State:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+
+
+def stack_layers(model: nnx.Module) -> nnx.Module:
+    """``model`` with the layers of each encoder that scans them (``options.scan_layers``) stacked, in place: the
+    layout of a training state (`mra_jax.stacked_layers`)."""
+    for _, module in list(nnx.iter_modules(model)):
+        if isinstance(module, MraEncoder) and module.options.scan_layers:
+            module.stack_layers()
+    return model

@@ -19,7 +19,7 @@ from mra_jax.atomic import atomic_directory
 from mra_jax.attention.mra import token_mask
 from mra_jax.checkpoint import PARAMS_DIR, OrbaxSource, is_orbax_checkpoint, save_params
 from mra_jax.configuration import CONFIG_FILES, POSITION_OFFSET, MraConfig, read_json_object
-from mra_jax.conversion.hf_export import write_hf_checkpoint
+from mra_jax.conversion.hf_export import write_hf_checkpoint, write_hf_tokenizer
 from mra_jax.conversion.hf_files import WEIGHT_FILES, has_hf_weights, open_hf_weights
 from mra_jax.conversion.loading import HFSource, load_params
 from mra_jax.modeling.common import Dropout, Dtype, as_rngs, linear
@@ -100,7 +100,7 @@ class MraPreTrainedModel(nnx.Module):
                         rules: str | Mapping[str, str | None] = "fsdp", num_labels: int | None = None, seed: int = 0,
                         progress: Callable[[int, int], None] | None = None,
                         options: RuntimeOptions | None = None,
-                        config_overrides: Mapping[str, Any] | None = None) -> Self:
+                        config_overrides: Mapping[str, Any] | None = None, verify: bool = True) -> Self:
         """Load an HF checkpoint directory (``config.json`` with ``model.safetensors``, a sharded safetensors index
         or ``pytorch_model.bin``) or an Orbax checkpoint written by `save_pretrained` (detected).
 
@@ -111,6 +111,8 @@ class MraPreTrainedModel(nnx.Module):
           seed: initialises head parameters the checkpoint does not have (another head or the bare encoder).
           progress: called with ``(done, total)`` as tensors are loaded.
           config_overrides: config fields to change (e.g. ``id2label``, ``problem_type`` for a new head).
+          verify: check the tensors against the checksums recorded at save time; a training checkpoint without
+            them is refused unless ``verify=False``.
           options: run-time choices (`RuntimeOptions`: attention implementation, mesh, remat); its mesh is also
             the one parameters are placed on when ``mesh`` is not given.
 
@@ -127,7 +129,7 @@ class MraPreTrainedModel(nnx.Module):
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
         if is_orbax_checkpoint(path):
-            source = OrbaxSource(path, architecture)
+            source = OrbaxSource(path, architecture, verify=verify)
         elif has_hf_weights(path):
             source = HFSource(open_hf_weights(path), architecture, path)
         else:
@@ -159,12 +161,14 @@ class MraPreTrainedModel(nnx.Module):
         report.warn(source.description, cls.__name__)
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, *, format: str = "orbax", force: bool = False) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, format: str = "orbax", force: bool = False,
+                        tokenizer: str | os.PathLike | None = None) -> None:
         """Write the model to the directory ``path``, completely or not at all.
 
         ``format="orbax"``: ``config.json`` and an Orbax checkpoint of the parameters (``params/``, NNX layout,
         restorable onto any mesh). ``format="hf"``: ``config.json`` and ``model.safetensors`` as transformers writes
-        them. An existing ``path`` is replaced only with ``force=True``.
+        them. An existing ``path`` is replaced only with ``force=True``. ``tokenizer``: a ``tokenizer.json`` written
+        beside, with a ``tokenizer_config.json`` that makes transformers' ``AutoTokenizer`` give the same ids.
         """
         if format not in ("orbax", "hf"):
             raise ValueError(f"format must be 'orbax' or 'hf', got {format!r}")
@@ -174,6 +178,8 @@ class MraPreTrainedModel(nnx.Module):
             else:
                 self.config.with_extra(architectures=[type(self).__name__]).save_pretrained(tmp)
                 save_params(tmp, {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(self, nnx.Param))})
+            if tokenizer is not None:
+                write_hf_tokenizer(tokenizer, tmp, self.config)
 
 
 class MraModel(MraPreTrainedModel):

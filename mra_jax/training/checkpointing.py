@@ -1,13 +1,15 @@
 """Training checkpoints: an Orbax `CheckpointManager` holding parameters, optimizer state, step, data-iterator state
-and the model's config, saved asynchronously; a step is visible only once complete.
+and the model's config, saved asynchronously; a step is visible only once complete. Saved per layer whatever the
+state's layout (a stacked state, `mra_jax.stacked_layers`, is converted on save and restore).
 
 Layout of ``<output_dir>/checkpoints/<step>/``: ``params/`` (the same PyTree as `save_pretrained`'s, so the step
 directory loads with ``MraForMaskedLM.from_pretrained`` and ``scripts/export_to_hf.py``), ``opt_state/``,
 ``data/`` (grain iterator state, one file per process), ``meta/`` (step, seed), ``model_config/`` (HF's
 config.json) and ``checksums/`` (sha256 of every array shard of ``params`` and ``opt_state``, by array and the
 shard's global slice, as the primary process held them; hashed in the save's background work, which the step's
-commit waits for; verified on restore wherever the restoring process holds the same slice, so that bytes that
-changed on disk but still decode are refused).
+commit waits for; verified on restore wherever the restoring process holds a shard covering the slice, on any mesh,
+so that bytes that changed on disk but still decode are refused). A step without checksums is refused unless
+``allow_unverified``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 from typing import Any
 
 import grain
@@ -25,9 +28,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from mra_jax.checkpoint import _flatten, _nest, _sha256
+from mra_jax import stacked_layers
+from mra_jax.checkpoint import _flatten, _nest, _sha256, mismatched_shards
 from mra_jax.configuration import MraConfig
-from mra_jax.training.step import TrainState, key_path
+from mra_jax.stacked_layers import key_path
+from mra_jax.training.step import TrainState
 
 MODEL_CONFIG_ITEM = "model_config"
 CHECKSUMS_ITEM = "checksums"
@@ -117,13 +122,32 @@ def params_from_tree(tree: dict, like):
     return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(str(k) for k in key_path(path))], like)
 
 
+def _unstacked(state: TrainState, depth: int) -> TrainState:
+    return TrainState(state.step, *stacked_layers.unstack((state.params, state.opt_state), depth))
+
+
+def _per_layer(state: TrainState) -> TrainState:
+    """``state`` in the per-layer layout of checkpoints (new arrays if it is stacked)."""
+    depth = stacked_layers.num_stacked_layers(state.params)
+    if depth is None:
+        return state
+    shardings = _unstacked(jax.tree.map(lambda x: x.sharding, state), depth)
+    return jax.jit(_unstacked, static_argnums=1, out_shardings=shardings)(state, depth)
+
+
+def unverified_message(step_dir: pathlib.Path) -> str:
+    return (f"training checkpoint {step_dir} has no checksums ({CHECKSUMS_ITEM}/ is missing), so its content cannot "
+            "be verified; pass --allow-unverified to use it anyway")
+
+
 class TrainCheckpoints:
     """Asynchronous training checkpoints under ``directory``: the ``keep`` most recent ones, and with ``best_metric``
     also the best one by that metric (``best_mode`` "max" or "min") of the metrics given to `save`."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max"):
+                 best_mode: str = "max", allow_unverified: bool = False):
         self.directory = pathlib.Path(directory).absolute()
+        self.allow_unverified = allow_unverified
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         policy = checkpoint_managers.LatestN(n=keep)
@@ -147,6 +171,7 @@ class TrainCheckpoints:
         """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied to host memory;
         writing and hashing continue in the background)."""
         step = int(jax.device_get(state.step))
+        state = _per_layer(state)
         params = params_tree(state.params)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -163,9 +188,16 @@ class TrainCheckpoints:
         def target(x, s):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
+        depth = stacked_layers.num_stacked_layers(abstract.params)
+        stacked_shardings = shardings
+        if depth is not None:  # restored per layer, then stacked
+            abstract, shardings = (_unstacked(tree, depth) for tree in (abstract, shardings))
+
         params = jax.tree.map(target, abstract.params, shardings.params)
         opt_state = jax.tree.map(target, abstract.opt_state, shardings.opt_state)
-        checked = (self.directory / str(step) / CHECKSUMS_ITEM).exists()  # (checkpoints of older versions have none)
+        checked = (self.directory / str(step) / CHECKSUMS_ITEM).exists()
+        if not checked and not self.allow_unverified:
+            raise ValueError(unverified_message(self.directory / str(step)))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_tree(params)),
             opt_state=ocp.args.StandardRestore(opt_state),
@@ -173,16 +205,29 @@ class TrainCheckpoints:
             meta=ocp.args.JsonRestore(),
             **({CHECKSUMS_ITEM: ChecksumsRestore()} if checked else {})))
         if checked:
-            self._verify(step, dict(restored[CHECKSUMS_ITEM]),
-                         shard_checksums({"params": restored.params, "opt_state": restored.opt_state}))
+            self._verify(step, dict(restored[CHECKSUMS_ITEM]), {"params": restored.params,
+                                                                 "opt_state": restored.opt_state})
+        else:
+            print(f"warning: {self.directory / str(step)} has no checksums; restored unverified, as asked",
+                  file=sys.stderr)
+        if restored.meta.get("step", step) != step:
+            raise ValueError(f"training checkpoint {self.directory / str(step)} says it holds step "
+                             f"{restored.meta['step']}: its items were moved from another step")
         state = TrainState(step=jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step),
                            params=params_from_tree(restored.params, abstract.params),
                            opt_state=restored.opt_state)
+        if depth is not None:
+            state = jax.jit(stacked_layers.stack, out_shardings=stacked_shardings, donate_argnums=0)(state)
         return state, dict(restored.meta)
 
-    def _verify(self, step: int, recorded: dict, found: dict) -> None:
-        bad = sorted(name for name, sums in found.items()
-                     if any(recorded.get(name, {}).get(where, digest) != digest for where, digest in sums.items()))
+    def _verify(self, step: int, recorded: dict, tree: Any) -> None:
+        held = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if isinstance(leaf, jax.Array | np.ndarray)}
+        missing = sorted(set(held) - set(recorded))
+        if missing:
+            raise ValueError(f"training checkpoint {self.directory / str(step)} has no checksums for "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: it cannot be verified")
+        bad = sorted(mismatched_shards(recorded, held))
         if bad:
             raise ValueError(f"training checkpoint {self.directory / str(step)} is corrupted: the content of "
                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} differs from the checksums "

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, Optional, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mra_jax.training.data import DataConfig
@@ -94,10 +95,21 @@ def load_config(schema: type[T], path: str | os.PathLike | None, overrides: Sequ
         if path is not None:
             if not os.path.isfile(path):
                 raise ValueError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ValueError(f"config file {path} must hold a mapping of keys at its top level, not a "
+                                 f"{type(loaded).__name__.removesuffix('Config').lower()}")
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
+            try:
+                OmegaConf.from_dotlist([_keep_text(schema, item)])
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: its value is not valid YAML: {_yaml_problem(e, False)}") from None
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_keep_text(schema, item) for item in overrides]))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -105,9 +117,16 @@ def load_config(schema: type[T], path: str | os.PathLike | None, overrides: Sequ
         raise ValueError(f"invalid configuration{where}: {' '.join(str(e).split())}") from e
 
 
+def _yaml_problem(e: yaml.YAMLError, lines: bool = True) -> str:
+    mark = getattr(e, "problem_mark", None) if lines else None
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def _keep_text(schema: type, item: str) -> str:
     """``key=value`` with the value quoted where ``key`` is a string field, so that YAML does not read the text as
-    another type (``output_dir=0123`` stays "0123", not 83; ``on`` stays "on", not True); ``null`` stays null."""
+    another type (``output_dir=0123`` stays "0123", not 83; ``on`` stays "on", not True); ``null`` stays null. A
+    list-of-strings field given one unbracketed value gets a list of it (``data.train_files=a.jsonl``)."""
     key, value = item.split("=", 1)
     kind: Any = schema
     for part in key.split("."):
@@ -116,9 +135,11 @@ def _keep_text(schema: type, item: str) -> str:
         kind = typing.get_type_hints(kind).get(part)
     text = kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType)
                            and set(typing.get_args(kind)) == {str, type(None)})
-    if not text or value in ("null", "~") or value[:1] in ("'", '"'):
+    if value in ("null", "~") or value[:1] in ("'", '"'):
         return item
-    return f"{key}={json.dumps(value)}"
+    if typing.get_origin(kind) is list and typing.get_args(kind) == (str,) and value[:1] != "[":
+        return f"{key}={json.dumps([value])}"
+    return f"{key}={json.dumps(value)}" if text else item
 
 
 def to_yaml(config: Any) -> str:

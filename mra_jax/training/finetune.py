@@ -81,8 +81,13 @@ def validate(cfg: FinetuneConfig) -> None:
         errors.append(f"task must be one of {sorted(MODEL_CLASSES)}, got {cfg.task!r}")
     if cfg.best_mode not in (None, "max", "min"):
         errors.append(f"best_mode must be max or min, got {cfg.best_mode!r}")
-    if cfg.data.bucket < 1 or cfg.data.bucket % 32:
-        errors.append(f"data.bucket must be a positive multiple of 32 (the MRA block), got {cfg.data.bucket}")
+    data = cfg.data
+    if data.bucket < 1 or data.bucket % 32:
+        errors.append(f"data.bucket must be a positive multiple of 32 (the MRA block), got {data.bucket}")
+    errors += [f"data.{name} must be at least 1, got {getattr(data, name)}"
+               for name in ("max_seq_len", "batch_size", "eval_batch_size") if getattr(data, name) < 1]
+    if cfg.task == "question_answering" and not 0 <= data.doc_stride < data.max_seq_len:
+        errors.append(f"data.doc_stride must be in [0, data.max_seq_len={data.max_seq_len}), got {data.doc_stride}")
     if not cfg.model or not os.path.isdir(cfg.model):
         errors.append(f"model {cfg.model!r} is not a checkpoint directory")
     if errors:
@@ -150,9 +155,10 @@ def task_loss(task: str, problem_type: str | None):
 
 
 @rundir.releases_locks
-def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool = False) -> dict[str, Any]:
     """Fine-tune; returns the last train and eval records, the best step and the export path. An ``output_dir``
-    with checkpoints resumes (see `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh."""
+    with checkpoints resumes (see `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh;
+    ``allow_unverified`` accepts training checkpoints without checksums."""
     validate(cfg)
     runtime.initialize_distributed(cfg.distributed)
     primary = runtime.is_primary()
@@ -161,6 +167,15 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
     tokenizer, tokenizer_path = find_tokenizer(cfg)
     base_config = MraConfig.from_pretrained(cfg.model)
     check_tokenizer_fits(tokenizer_ids(tokenizer), base_config, f"tokenizer {tokenizer_path}", cfg.model)
+    data = cfg.data
+    padded = -(-data.max_seq_len // data.bucket) * data.bucket  # the longest batch
+    runtime.check_fits(base_config, mesh, data.batch_size, cfg.optimizer.grad_accum_steps, padded,
+                       length=f"data.max_seq_len={data.max_seq_len}" if padded == data.max_seq_len else
+                       f"data.max_seq_len={data.max_seq_len} rounded up to a multiple of data.bucket={data.bucket} "
+                       f"({padded})")
+    if cfg.data.eval_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by mesh.data x "
+                         f"mesh.fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
     pad_id = tasks.pad_token_id(tokenizer)
     splits = tasks.load_splits(cfg.task, cfg.data, tokenizer)
     train, evaluation = splits["train"], splits.get("eval")
@@ -182,13 +197,11 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         names = train.label_names if not regression else ["score"]
         num_labels = len(names)
         overrides = {"id2label": dict(enumerate(names)), "problem_type": problem_type}
-    runtime.check_fits(base_config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.max_seq_len)
-    if cfg.data.eval_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by mesh.data x "
-                         f"mesh.fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
-    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                             param_rules=cfg.mesh.rules)
     loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
-                                 num_labels=num_labels, config_overrides=overrides, seed=cfg.seed)
+                                 num_labels=num_labels, config_overrides=overrides, seed=cfg.seed,
+                                 verify=not allow_unverified)
     config = loaded.config.with_extra(architectures=[cls.__name__])
     started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
     if primary:
@@ -212,7 +225,6 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         loss_sum, sums = eval_loss(nnx.merge(graphdef, params), batch, jax.random.key(0), True)
         return {"loss_sum": loss_sum, **sums}
 
-    data = cfg.data
     max_len = data.max_seq_len
     iterator = tasks.train_iterator(train, data.batch_size, data.shuffle_seed, pad_id, data.bucket, max_len,
                                     jax.process_index(), jax.process_count(), num_threads=data.num_threads)
@@ -230,7 +242,8 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
                 **{f"{split}_{k}": float(v) for k, v in metrics.items()}}
 
     checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                   best_metric=f"eval_{best_metric}", best_mode=best_mode)
+                                   best_metric=f"eval_{best_metric}", best_mode=best_mode,
+                                   allow_unverified=allow_unverified)
     start = started.latest_step
     abstract = jax.eval_shape(lambda: state)
     if start is not None:
@@ -260,7 +273,6 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
                   best_checkpoint=str(output_dir / "checkpoints" / str(best)))
     if cfg.export_hf and primary:
         model = cls.from_pretrained(output_dir / "checkpoints" / str(best))
-        model.save_pretrained(output_dir / "hf", format="hf", force=True)
-        shutil.copyfile(tokenizer_path, output_dir / "hf" / "tokenizer.json")
+        model.save_pretrained(output_dir / "hf", format="hf", force=True, tokenizer=tokenizer_path)
         result["export"] = str(output_dir / "hf")
     return result

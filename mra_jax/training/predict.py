@@ -120,14 +120,26 @@ def find_model_tokenizer(model_dir: pathlib.Path, tokenizer: str | None = None) 
     raise ValueError(f"no tokenizer: looked for {', '.join(map(str, candidates))}; pass a tokenizer.json")
 
 
+def fine_tuned_task(model_dir: pathlib.Path, architecture: str | None) -> str:
+    """The task of a fine-tuned model's architecture; a one-line error for any other checkpoint."""
+    if architecture in ARCHITECTURE_TASKS:
+        return ARCHITECTURE_TASKS[architecture]
+    what = ("a masked-LM checkpoint (a pretraining run's)" if architecture == "MraForMaskedLM" else
+            f"a checkpoint of {architecture or 'no stated architecture'}")
+    raise ValueError(f"{model_dir} is {what}, not a fine-tuned model ({', '.join(ARCHITECTURE_TASKS)}); fine-tune it "
+                     "first (scripts/finetune.py) and predict with that run's export or checkpoint")
+
+
 def run_data_config(model_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tasks.TaskDataConfig:
     """The data section of the fine-tuning run that wrote ``model_dir`` (its ``config.yaml`` one or two levels up:
     field names, ``max_seq_len``, ``bucket``), else the defaults; with ``key=value`` overrides."""
     from omegaconf import OmegaConf
 
+    from mra_jax.configuration import MraConfig
     from mra_jax.training.config import load_config
 
     model_dir = pathlib.Path(model_dir)
+    fine_tuned_task(model_dir, (MraConfig.from_pretrained(model_dir).extra.get("architectures") or [None])[0])
     for run_config in (model_dir.parent / "config.yaml", model_dir.parent.parent / "config.yaml"):
         if run_config.is_file():
             section = OmegaConf.load(run_config).get("data")
@@ -144,7 +156,8 @@ class Predictor:
     ``data`` None: the fine-tuning run's data settings (`run_data_config`)."""
 
     def __init__(self, model_dir: str | os.PathLike, *, data: tasks.TaskDataConfig | None = None,
-                 tokenizer: str | None = None, batch_size: int = 8, attention: str | None = None):
+                 tokenizer: str | None = None, batch_size: int = 8, attention: str | None = None,
+                 allow_unverified: bool = False):
         from flax import nnx
 
         from mra_jax.configuration import MraConfig
@@ -154,10 +167,7 @@ class Predictor:
         self.model_dir = pathlib.Path(model_dir)
         config = MraConfig.from_pretrained(self.model_dir)
         architecture = (config.extra.get("architectures") or [None])[0]
-        if architecture not in ARCHITECTURE_TASKS:
-            raise ValueError(f"{self.model_dir}: architecture {architecture!r} is not a fine-tuned head "
-                             f"({', '.join(ARCHITECTURE_TASKS)})")
-        self.task = task = ARCHITECTURE_TASKS[architecture]
+        self.task = task = fine_tuned_task(self.model_dir, architecture)
         self.data = data or run_data_config(self.model_dir)
         self.batch_size = batch_size
         self.names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
@@ -166,7 +176,8 @@ class Predictor:
         tokenizer_path = find_model_tokenizer(self.model_dir, tokenizer)
         self.tokenizer = load_tokenizer(tokenizer_path)
         check_tokenizer_fits(tokenizer_ids(self.tokenizer), config, f"tokenizer {tokenizer_path}", self.model_dir)
-        model = MODEL_CLASSES[task].from_pretrained(self.model_dir, options=RuntimeOptions(implementation=attention))
+        model = MODEL_CLASSES[task].from_pretrained(self.model_dir, options=RuntimeOptions(implementation=attention),
+                                                    verify=not allow_unverified)
         graphdef, self.params = nnx.split(model, nnx.Param)
         loss_fn, _ = task_loss(task, self.problem_type)
 

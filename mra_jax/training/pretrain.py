@@ -188,7 +188,7 @@ def build_pretraining(cfg: PretrainConfig, config: MraConfig, mesh: Mesh, specia
     """The model, optimizer, shardings and jitted steps of ``cfg`` on ``mesh`` (``platform``: whose kernels)."""
     runtime.check_fits(config, mesh, cfg.data.batch_size, cfg.optimizer.grad_accum_steps, cfg.data.seq_len)
     options = RuntimeOptions(implementation=cfg.attention, platform=platform, mesh=mesh, remat=cfg.remat,
-                             scan_layers=cfg.scan_layers)
+                             scan_layers=cfg.scan_layers, param_rules=cfg.mesh.rules)
     dtype = DTYPES[cfg.dtype]
     spec = MaskingSpec(mask_id=special.mask_id, vocab_size=special.vocab_size, special_ids=special.special_ids,
                        probability=cfg.mlm_probability)
@@ -211,9 +211,10 @@ def build_pretraining(cfg: PretrainConfig, config: MraConfig, mesh: Mesh, specia
 
 
 @rundir.releases_locks
-def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: PretrainConfig, *, overwrite: bool = False, allow_unverified: bool = False) -> dict[str, Any]:
     """Train; returns the last logged metrics and the final eval. An ``output_dir`` with checkpoints resumes (see
-    `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh."""
+    `mra_jax.training.rundir`); ``overwrite`` moves it aside and starts afresh; ``allow_unverified`` accepts
+    training checkpoints without checksums."""
     validate(cfg)
     runtime.initialize_distributed(cfg.distributed)
     primary = runtime.is_primary()
@@ -237,7 +238,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
     start_params = None
     if from_checkpoint:
         loaded = MraForMaskedLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=job.options,
-                                                rules=cfg.mesh.rules)
+                                                rules=cfg.mesh.rules, verify=not allow_unverified)
         start_params = nnx.split(loaded, nnx.Param)[1]
     _, state, _ = init_state(job.build, job.tx, mesh, cfg.mesh.rules, start_params)
     del start_params
@@ -246,7 +247,8 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict[str, Any]:
                                        jax.process_index(), jax.process_count(), num_threads=cfg.data.num_threads)
     evals = data_lib.eval_batches(eval_seqs, cfg.data.batch_size, special.pad_id, cfg.data.eval_batches,
                                   jax.process_index(), jax.process_count(), seed=cfg.data.shuffle_seed)
-    checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    checkpoints = TrainCheckpoints(output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                   allow_unverified=allow_unverified)
     start = started.latest_step
     if start is not None:
         state, _ = checkpoints.restore(start, job.abstract, job.shardings, iterator)

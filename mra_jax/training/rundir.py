@@ -1,7 +1,9 @@
 """Run directories, shared by pretraining and fine-tuning: the checks of a start on an existing ``output_dir``, the
 history of each start's config, and a fresh start that moves the earlier run aside.
 
-An ``output_dir`` holds one run. Started again, it resumes from its latest checkpoint, and only the keys of
+An ``output_dir`` holds one run, of one kind (pretraining or fine-tuning); a non-empty directory that holds no run
+is refused, as is a run whose results (metrics, export) remain but whose checkpoints are gone. Started again, a run
+resumes from its latest checkpoint, and only the keys of
 `SAFE_ON_RESUME` may differ from the resolved config of its latest start (keys that config lacks, from older
 versions, are not compared); ``steps`` must lie above the latest checkpoint. The first start's resolved config is
 ``config.yaml``, the n-th start's ``config.<n>.yaml`` beside it (an earlier one is never overwritten). With
@@ -106,9 +108,14 @@ def take_lock(directory: pathlib.Path) -> Any:
     import fcntl
     import socket
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
     path = directory.with_name(f".{directory.name}.lock")
-    handle = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
+        if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except PermissionError as e:
+        raise ValueError(f"cannot write the run into {directory}: permission denied ({e.filename or e})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -187,6 +194,17 @@ def _checked_start(cfg: Any, directory: pathlib.Path, overwrite: bool, primary: 
     steps = tuple(checkpoint_steps(directory / "checkpoints"))
     configs = tuple(recorded_configs(directory))
     hint = "use another output_dir, or --overwrite to move the earlier run aside and start afresh"
+    recorded_kind = _recorded_kind(configs[0]) if configs else None
+    if recorded_kind == "unknown" or (not configs and directory.is_dir() and any(directory.iterdir())):
+        raise ValueError(f"{directory} is not empty and holds no run of mra-jax ({CONFIG} of a pretraining or "
+                         f"fine-tuning run): a run would write over its files; "
+                         f"{hint.replace('the earlier run', 'it')}")
+    kind = run_kind(flat_config(cfg))
+    if configs and recorded_kind != kind:
+        raise ValueError(f"{directory} holds a {recorded_kind} run; a {kind} run needs its own output_dir")
+    if configs and not steps and _has_results(directory):
+        raise ValueError(f"{directory} holds a run with results ({', '.join(_has_results(directory))}) but no "
+                         f"checkpoint to resume from: starting again would replace them; {hint}")
     if configs:
         changes = refused_changes(flat_config(configs[-1]), flat_config(cfg))
         if changes:
@@ -195,12 +213,39 @@ def _checked_start(cfg: Any, directory: pathlib.Path, overwrite: bool, primary: 
     if steps and cfg.steps <= steps[-1]:
         raise ValueError(f"steps={cfg.steps} is not above the latest checkpoint of {directory} (checkpoint steps: "
                          f"{', '.join(map(str, steps))}); pass steps > {steps[-1]} to continue, or {hint}")
+    if jax.process_count() > 1:  # every process has checked the directory before the primary writes into it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mra_jax.rundir.start")
     if primary and steps:
         print(f"resuming {directory} from step {steps[-1]} (checkpoint steps: {', '.join(map(str, steps))})",
               flush=True)
     elif primary and configs:
         print(f"{directory} holds no checkpoint yet: starting again from step 0", flush=True)
     return RunStart(directory, steps, configs, lock=lock)
+
+
+KINDS = {"task": "fine-tuning", "mlm_probability": "pretraining"}
+"""A key only one kind of run has -> that kind."""
+
+
+def run_kind(flat: Mapping[str, Any]) -> str:
+    """"pretraining" or "fine-tuning", by the keys of a (flat) config."""
+    return next((kind for key, kind in KINDS.items() if key in flat), "unknown")
+
+
+def _recorded_kind(path: pathlib.Path) -> str:
+    try:
+        return run_kind(flat_config(path))
+    except Exception:  # not a YAML mapping: not a run's config
+        return "unknown"
+
+
+def _has_results(directory: pathlib.Path) -> list[str]:
+    """What a run with no checkpoint left would overwrite: logged metrics, an HF export."""
+    metrics = directory / "metrics.jsonl"
+    return [name for name, present in (("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0),
+                                       ("hf/", (directory / "hf").exists())) if present]
 
 
 def record_config(directory: pathlib.Path, text: str) -> pathlib.Path:

@@ -37,11 +37,18 @@ def build_mesh(cfg: MeshConfig) -> Mesh:
     try:
         return make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
     except ValueError as e:
-        raise ValueError(f"mesh {sizes}: {e}") from e
+        hint = ""
+        if jax.default_backend() == "cpu":
+            wanted = max(int(np.prod([v for v in sizes.values() if v > 0])), 2)
+            hint = (f"; on CPUs, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} (set before Python "
+                    f"starts) makes {wanted} devices")
+        raise ValueError(f"{e}{hint}") from None
 
 
-def check_fits(config: MraConfig, mesh: Mesh, batch_size: int, grad_accum_steps: int, seq_len: int) -> None:
-    """Refuse shapes the mesh cannot split, before anything is compiled."""
+def check_fits(config: MraConfig, mesh: Mesh, batch_size: int, grad_accum_steps: int, seq_len: int,
+               length: str | None = None) -> None:
+    """Refuse shapes the mesh cannot split and sequences longer than the model's positions, before anything is
+    compiled. ``length`` says where ``seq_len`` comes from (default ``data.seq_len=<seq_len>``)."""
     errors = []
     if config.num_attention_heads % mesh.shape["tensor"]:
         errors.append(f"{config.num_attention_heads} attention heads are not divisible by mesh.tensor="
@@ -54,7 +61,7 @@ def check_fits(config: MraConfig, mesh: Mesh, batch_size: int, grad_accum_steps:
         errors.append(f"the micro-batch of {batch_size // grad_accum_steps} sequences (data.batch_size / "
                       f"optimizer.grad_accum_steps) is not divisible by mesh.data x mesh.fsdp = {shards}")
     if seq_len > config.max_position_embeddings:
-        errors.append(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings "
+        errors.append(f"{length or f'data.seq_len={seq_len}'} exceeds the model's max_position_embeddings "
                       f"({config.max_position_embeddings})")
     if batch_size % jax.process_count():
         errors.append(f"data.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")

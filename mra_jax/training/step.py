@@ -18,7 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mra_jax import stacked_layers
+from mra_jax.modeling.encoder import stack_layers
 from mra_jax.sharding import partition_spec
+from mra_jax.stacked_layers import key_path
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 PrepareFn = Callable[[Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
@@ -28,11 +31,6 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
-
-
-def key_path(path: tuple) -> tuple:
-    """A pytree key path -> the NNX parameter path (``("mra", "encoder", "layer", 0, ...)``)."""
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
 def param_state_shardings(params, mesh: Mesh, rules: str | Mapping[str, str | None]):
@@ -59,7 +57,7 @@ def _plain(state: nnx.State) -> nnx.State:
 def abstract_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
                    rules: str | Mapping[str, str | None]) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """The model's graph, the shapes of its `TrainState` and their shardings on ``mesh``; nothing is allocated."""
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(build), nnx.Param)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: stack_layers(build())), nnx.Param)
     abstract_params = _plain(abstract_params)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params)
     shardings = state_shardings(abstract, param_state_shardings(abstract_params, mesh, rules), tx, mesh)
@@ -70,12 +68,16 @@ def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation
                rules: str | Mapping[str, str | None], params: nnx.State | None = None,
                ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """The model's graph, a `TrainState` created directly sharded on ``mesh`` (never whole on one device), and
-    its shardings. ``params``: start from these (already placed) instead of ``build``'s initialisation."""
-    graphdef, _, shardings = abstract_state(build, tx, mesh, rules)
+    its shardings. ``params``: start from these (per layer, already placed) instead of ``build``'s initialisation.
+    A model that scans its layers gets a state in the stacked layout (`mra_jax.stacked_layers`)."""
+    graphdef, abstract, shardings = abstract_state(build, tx, mesh, rules)
+    depth = stacked_layers.num_stacked_layers(abstract.params)
 
     def create(p: nnx.State | None) -> TrainState:
         if p is None:
-            p = _plain(nnx.split(build(), nnx.Param)[1])
+            p = _plain(nnx.split(stack_layers(build()), nnx.Param)[1])
+        elif depth is not None:
+            p = stacked_layers.stack(p)
         return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
 
     options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
@@ -83,8 +85,8 @@ def init_state(build: Callable[[], nnx.Module], tx: optax.GradientTransformation
         state = jax.jit(lambda: create(None), out_shardings=shardings).lower().compile(options)()
     else:
         args = (_plain(params),)
-        state = jax.jit(create, in_shardings=(shardings.params,), out_shardings=shardings).lower(*args).compile(
-            options)(*args)
+        given = shardings.params if depth is None else stacked_layers.unstack(shardings.params, depth)
+        state = jax.jit(create, in_shardings=(given,), out_shardings=shardings).lower(*args).compile(options)(*args)
     return graphdef, state, shardings
 
 
