@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
 ARGS = ["configs/pretrain/tiny.yaml", "progress_bar=false", "tensorboard=false", "data.seq_len=64",
         "data.batch_size=8", f"steps={STEPS}", "log_every=1", "eval_every=15", "checkpoint_every=10",
-        "mesh.data=2", "mesh.fsdp=4", "optimizer.warmup_steps=3", "optimizer.learning_rate=2e-3"]
+        "mesh.data=8", "mesh.fsdp=1", "optimizer.warmup_steps=3", "optimizer.learning_rate=2e-3"]
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -168,8 +168,9 @@ def test_two_processes_log_the_losses_of_one_process(request, env, tmp_path):
 
 
 def test_resume_on_another_mesh_continues_the_uninterrupted_losses(request, env, tmp_path):
-    """The reference run's step-20 checkpoint (mesh.data=2 mesh.fsdp=4) resumed on mesh.data=4 mesh.fsdp=2: restored
-    resharded, with the same `steps` (hence learning-rate schedule), it logs the uninterrupted run's losses."""
+    """The reference run's step-20 checkpoint (mesh.data=8, parameters replicated) resumed on mesh.data=4 mesh.fsdp=2
+    (parameters sharded): restored resharded, with the same `steps` (hence learning-rate schedule), it logs the
+    uninterrupted run's losses."""
     reference = request.getfixturevalue("reference")
     out = tmp_path / "resharded"
     shutil.copytree(reference, out, ignore=lambda d, names: [n for n in names if n in ("complete", "hf")
