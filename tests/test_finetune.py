@@ -375,3 +375,46 @@ def test_predict_script_never_replaces_its_input_nor_an_existing_file_unasked(ba
     assert script.main([str(classifier), str(rows)]) == 1
     assert f"{out} exists; pass --force" in capsys.readouterr().err and out.read_text() == "mine\n"
     assert script.main([str(classifier), str(rows), "--force"]) == 0 and out.read_bytes() == first
+
+
+def test_fine_tuning_from_a_config_json_trains_fresh_weights(base_model, tmp_path):
+    """LRA-style runs start from scratch: model= a config.json with tokenizer= (the vocabulary and special ids come
+    from the tokenizer); without a tokenizer it is refused before any work."""
+    config = tmp_path / "config.json"
+    mra_jax.MraConfig.from_pretrained(base_model).save_pretrained(tmp_path)  # (its vocabulary: replaced anyway)
+    text = json.loads(config.read_text())
+    text.update(vocab_size=7, hidden_dropout_prob=0.0)
+    config.write_text(json.dumps(text))
+    train = _write(tmp_path / "train.jsonl", _rows(512, 0))
+    evaluation = _write(tmp_path / "eval.jsonl", _rows(64, 1))
+    overrides = _finetune_overrides("sequence_classification", config, tmp_path / "run", train, evaluation, steps=80)
+    with pytest.raises(ValueError, match=r"is a config.json \(fresh weights\): set tokenizer="):
+        run(load_config(FinetuneConfig, None, overrides))
+    assert not (tmp_path / "run").exists()
+    result = run(load_config(FinetuneConfig, None, [*overrides, f"tokenizer={base_model / 'tokenizer.json'}",
+                                                     "eval_every=40"]))
+    assert result["eval"]["eval_accuracy"] > 0.8, result["eval"]
+    exported = mra_jax.MraConfig.from_pretrained(tmp_path / "run" / "hf")
+    assert exported.vocab_size == mra_jax.MraConfig.from_pretrained(base_model).vocab_size
+    assert exported.id2label == {0: "no", 1: "yes"}
+
+
+def test_cut_rows_and_an_inferred_regression_are_reported_at_start(base_model, tmp_path):
+    from mra_jax.training import tasks
+    from mra_jax.training.finetune import data_report
+
+    tokenizer = Tokenizer.from_file(str(base_model / "tokenizer.json"))
+    rows = _rows(40, 0)
+    long_rows = sum(len(tokenizer.encode(r["text"]).ids) > 12 for r in rows)
+    assert 0 < long_rows < 40
+    train = _write(tmp_path / "train.jsonl", rows)
+    scores = _write(tmp_path / "scores.jsonl", [{"text": r["text"], "label": i / 7} for i, r in enumerate(rows)])
+    cfg = load_config(FinetuneConfig, None, [f"data.train_file={train}", "data.max_seq_len=12"])
+    lines = data_report(cfg, tasks.load_splits(cfg.task, cfg.data, tokenizer))
+    longest = max(len(tokenizer.encode(r["text"]).ids) for r in rows)
+    assert lines == [f"note: {long_rows} of 40 train rows are longer than data.max_seq_len=12 tokens and were cut "
+                     f"(the longest has {longest}); raise data.max_seq_len to keep them whole"]
+    cfg = load_config(FinetuneConfig, None, [f"data.train_file={scores}", "data.max_seq_len=64"])
+    assert data_report(cfg, tasks.load_splits(cfg.task, cfg.data, tokenizer)) == [
+        f"note: the labels of {scores} (field 'label') are numbers with a fractional part: fine-tuning a regression "
+        "(MSE); set data.problem_type=single_label_classification to treat them as classes"]

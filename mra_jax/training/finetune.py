@@ -52,7 +52,8 @@ __all__ = ["FinetuneConfig", "NonFiniteError", "run"]
 class FinetuneConfig:
     task: str = "sequence_classification"
     output_dir: str = "out/finetune"
-    model: str = ""  # an HF / Orbax / training checkpoint directory (a pretraining run's checkpoints/<step>)
+    model: str = ""  # an HF / Orbax / training checkpoint directory (a pretraining run's checkpoints/<step>), or a
+    # config.json: fresh weights (from scratch, as LRA's runs), vocabulary and special ids from the tokenizer
     tokenizer: str | None = None  # tokenizer.json; None: the model directory's, or its pretraining run's
     steps: int = 1000
     seed: int = 0
@@ -88,10 +89,33 @@ def validate(cfg: FinetuneConfig) -> None:
                for name in ("max_seq_len", "batch_size", "eval_batch_size") if getattr(data, name) < 1]
     if cfg.task == "question_answering" and not 0 <= data.doc_stride < data.max_seq_len:
         errors.append(f"data.doc_stride must be in [0, data.max_seq_len={data.max_seq_len}), got {data.doc_stride}")
-    if not cfg.model or not os.path.isdir(cfg.model):
-        errors.append(f"model {cfg.model!r} is not a checkpoint directory")
+    if not cfg.model or not os.path.exists(cfg.model):
+        errors.append(f"model {cfg.model!r} does not exist (a checkpoint directory, or a config.json for fresh "
+                      "weights)")
+    elif os.path.isfile(cfg.model) and not cfg.tokenizer:
+        errors.append(f"model={cfg.model} is a config.json (fresh weights): set tokenizer= a tokenizer.json, whose "
+                      "vocabulary and special ids the model takes")
     if errors:
         raise ValueError("invalid fine-tuning config: " + "; ".join(errors))
+
+
+def data_report(cfg: FinetuneConfig, splits: dict[str, tasks.Encoded]) -> list[str]:
+    """What the data's encoding decided without being told: inputs cut to ``data.max_seq_len``, a problem type
+    inferred as regression."""
+    lines = []
+    for split, encoded in splits.items():
+        cut, longest = encoded.truncated
+        if cut:
+            choices = cfg.task == "multiple_choice"
+            total = sum(f["input_ids"].shape[0] if choices else 1 for f in encoded.features)
+            lines.append(f"note: {cut} of {total} {split} {'question-choice pairs' if choices else 'rows'} are longer "
+                         f"than data.max_seq_len={cfg.data.max_seq_len} tokens and were cut (the longest has "
+                         f"{longest}); raise data.max_seq_len to keep them whole")
+    if cfg.data.problem_type is None and splits["train"].problem_type == "regression":
+        lines.append(f"note: the labels of {cfg.data.train_file} (field {cfg.data.label_field!r}) are numbers with "
+                     "a fractional part: fine-tuning a regression (MSE); set data.problem_type="
+                     "single_label_classification to treat them as classes")
+    return lines
 
 
 def find_tokenizer(cfg: FinetuneConfig) -> tuple[Tokenizer, pathlib.Path]:
@@ -166,7 +190,13 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
     mesh = runtime.build_mesh(cfg.mesh)
     tokenizer, tokenizer_path = find_tokenizer(cfg)
     base_config = MraConfig.from_pretrained(cfg.model)
-    check_tokenizer_fits(tokenizer_ids(tokenizer), base_config, f"tokenizer {tokenizer_path}", cfg.model)
+    fresh = os.path.isfile(cfg.model)  # a config.json: fresh weights that take the tokenizer's ids
+    ids = tokenizer_ids(tokenizer)
+    if fresh:
+        base_config = dataclasses.replace(base_config, vocab_size=ids["vocab_size"], **{
+            field: ids[key] for field, key in (("pad_token_id", "pad_id"), ("bos_token_id", "cls_id"),
+                                               ("eos_token_id", "sep_id")) if key in ids})
+    check_tokenizer_fits(ids, base_config, f"tokenizer {tokenizer_path}", cfg.model)
     data = cfg.data
     padded = -(-data.max_seq_len // data.bucket) * data.bucket  # the longest batch
     runtime.check_fits(base_config, mesh, data.batch_size, cfg.optimizer.grad_accum_steps, padded,
@@ -183,6 +213,9 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
         raise ValueError("data.eval_file is required: the best checkpoint is chosen on it")
     problem_type = train.problem_type
     regression = problem_type == "regression"
+    if primary:
+        for line in data_report(cfg, splits):
+            print(line, flush=True)
     reported = task_metrics.metric_names(cfg.task, problem_type, len(train.label_names or ()))
     best_metric = cfg.best_metric or reported[0]
     if best_metric not in (*reported, "loss"):  # known before training, not when the first checkpoint is kept
@@ -199,10 +232,15 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
         overrides = {"id2label": dict(enumerate(names)), "problem_type": problem_type}
     options = RuntimeOptions(implementation=cfg.attention, mesh=mesh, remat=cfg.remat, scan_layers=cfg.scan_layers,
                              param_rules=cfg.mesh.rules)
-    loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
-                                 num_labels=num_labels, config_overrides=overrides, seed=cfg.seed,
-                                 verify=not allow_unverified)
-    config = loaded.config.with_extra(architectures=[cls.__name__])
+    if fresh:
+        loaded = None
+        config = base_config.with_num_labels(num_labels) if num_labels is not None else base_config
+        config = dataclasses.replace(config, **overrides).with_extra(architectures=[cls.__name__])
+    else:
+        loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
+                                     num_labels=num_labels, config_overrides=overrides, seed=cfg.seed,
+                                     verify=not allow_unverified)
+        config = loaded.config.with_extra(architectures=[cls.__name__])
     started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
     if primary:
         rundir.record_config(output_dir, to_yaml(cfg))
@@ -212,7 +250,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
     tx = make_optimizer(cfg.optimizer, schedule)
     graphdef, state, shardings = init_state(
         lambda: cls(config, rngs=nnx.Rngs(cfg.seed), dtype=DTYPES[cfg.dtype], options=options), tx, mesh,
-        cfg.mesh.rules, nnx.split(loaded, nnx.Param)[1])
+        cfg.mesh.rules, None if loaded is None else nnx.split(loaded, nnx.Param)[1])
     del loaded
     batch_sharding = runtime.batch_sharding(mesh)
     eval_loss, train_loss = task_loss(cfg.task, problem_type)

@@ -103,6 +103,9 @@ class Encoded:
     label_names: list[str]
     task: str = ""
     problem_type: str | None = None
+    truncated: tuple[int, int] = (0, 0)
+    """How many inputs (multiple choice: question-choice pairs) ``max_seq_len`` cut, and the longest one's length in
+    tokens before the cut (QA's windows cover the whole context: never cut)."""
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -274,6 +277,17 @@ def _configured(tokenizer: Tokenizer, max_len: int, stride: int = 0, strategy: s
     return tok
 
 
+def _truncation(tokenizer: Tokenizer, inputs: list, encodings: list, **kwargs: Any) -> tuple[int, int]:
+    """(inputs the truncation cut, the longest of them untruncated) of ``encodings`` of ``inputs``."""
+    cut = [i for i, e in enumerate(encodings) if e.overflowing]
+    if not cut:
+        return 0, 0
+    whole = Tokenizer.from_str(tokenizer.to_str())
+    whole.no_padding()
+    whole.no_truncation()
+    return len(cut), max(len(e.ids) for e in whole.encode_batch([inputs[i] for i in cut], **kwargs))
+
+
 def _ids(enc) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(enc.ids, np.int32)
     return ids, np.asarray(enc.attention_mask, np.int32)
@@ -369,12 +383,13 @@ def _encode_sequence_classification(rows, tokenizer, cfg, names, file) -> Encode
         kept = lists
     if problem != "regression" and not names:
         raise ValueError(f"{file}: no labels found in field {lf!r}")
-    tok = _configured(tokenizer, cfg.max_seq_len)
+    encodings = _configured(tokenizer, cfg.max_seq_len).encode_batch(inputs)
     features = []
-    for enc, label in zip(tok.encode_batch(inputs), labels, strict=True):
+    for enc, label in zip(encodings, labels, strict=True):
         ids, mask = _ids(enc)
         features.append({"input_ids": ids, "attention_mask": mask, "labels": np.asarray(label)})
-    return Encoded(features, [{"label": x} for x in kept], list(names), problem_type=problem)
+    return Encoded(features, [{"label": x} for x in kept], list(names), problem_type=problem,
+                   truncated=_truncation(tokenizer, inputs, encodings))
 
 
 def _encode_token_classification(rows, tokenizer, cfg, names, file) -> Encoded:
@@ -409,7 +424,8 @@ def _encode_token_classification(rows, tokenizer, cfg, names, file) -> Encoded:
                 labels[pos] = tag_ids[w]
         features.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
         examples.append({"words": list(words), "tags": keys, "word_ids": word_ids, "word_starts": starts})
-    return Encoded(features, examples, list(names))
+    return Encoded(features, examples, list(names),
+                   truncated=_truncation(tokenizer, words_all, encs, is_pretokenized=True))
 
 
 def _answers(row: dict, cfg: TaskDataConfig, context: str, file: str, k: int) -> tuple[list[str], list[int]]:
@@ -547,7 +563,8 @@ def _encode_multiple_choice(rows, tokenizer, cfg, names, file) -> Encoded:
         for j, e in enumerate(group):
             ids[j, : len(e.ids)], mask[j, : len(e.ids)] = e.ids, e.attention_mask
         features.append({"input_ids": ids, "attention_mask": mask, "labels": np.asarray(label, np.int32)})
-    return Encoded(features, [{"label": x} for x in labels], list(names or []))
+    return Encoded(features, [{"label": x} for x in labels], list(names or []),
+                   truncated=_truncation(tokenizer, pairs, encs))
 
 
 def load_splits(task: str, cfg: TaskDataConfig, tokenizer: Tokenizer) -> dict[str, Encoded]:
