@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import pathlib
 import shutil
@@ -150,3 +151,12 @@ def _check_target(out: pathlib.Path, force: bool) -> None:
     if not is_replaceable(out):
         raise FileExistsError(f"{out} is not a checkpoint directory (config.json with model.safetensors, "
                               "pytorch_model.bin or params/) nor empty; refusing to replace it even with --force")
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    """``rows`` as JSON lines at ``path``, written aside and renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)

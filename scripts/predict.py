@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         data = run_data_config(args.model, args.overrides)
         predictions, metrics = predict(args.model, args.file, data=data, tokenizer=args.tokenizer,
                                        batch_size=args.batch_size, attention=args.attention,
-                                       allow_unverified=args.allow_unverified)
+                                       allow_unverified=args.allow_unverified, progress="predict")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

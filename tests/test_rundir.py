@@ -145,7 +145,7 @@ def test_scripts_pass_overwrite_to_run(script, monkeypatch, capsys):
         raise ValueError("refused")
 
     monkeypatch.setattr(module, "run", fake_run)
-    config = TINY if script == "pretrain" else str(ROOT / "configs" / "finetune" / "listops-tiny.yaml")
+    config = TINY if script == "pretrain" else str(ROOT / "configs" / "finetune" / "majority-tiny.yaml")
     assert module.main([config, "--overwrite", "steps=5"]) == 1
     assert module.main([config, "steps=5"]) == 1
     assert calls == [True, False] and "error: refused" in capsys.readouterr().err

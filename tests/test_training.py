@@ -240,7 +240,7 @@ def test_yaml_and_override_syntax_errors_are_one_line_errors(script, tmp_path, c
                                              r"top level, not a list$")]
     if script != "demo":
         key = "train_files" if script == "pretrain" else "labels"
-        cases.append(([f"configs/{script}/{'tiny.yaml' if script == 'pretrain' else 'listops-tiny.yaml'}",
+        cases.append(([f"configs/{script}/{'tiny.yaml' if script == 'pretrain' else 'majority-tiny.yaml'}",
                        f"data.{key}=[a.jsonl"], rf"^error: override 'data\.{key}=\[a\.jsonl': its value is not "
                                                 r"valid YAML: did not find expected ',' or '\]'$"))
     for argv, message in cases:

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import field
 from typing import Any
@@ -237,9 +238,14 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
         config = base_config.with_num_labels(num_labels) if num_labels is not None else base_config
         config = dataclasses.replace(config, **overrides).with_extra(architectures=[cls.__name__])
     else:
-        loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
-                                     num_labels=num_labels, config_overrides=overrides, seed=cfg.seed,
-                                     verify=not allow_unverified)
+        with warnings.catch_warnings(record=True) as head_swap:  # a new head: said once, as a note
+            warnings.simplefilter("always")
+            loaded = cls.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype], options=options, rules=cfg.mesh.rules,
+                                         num_labels=num_labels, config_overrides=overrides, seed=cfg.seed,
+                                         verify=not allow_unverified)
+        if primary and not rundir.checkpoint_steps(output_dir / "checkpoints"):  # (a resume restores its head)
+            for warning in head_swap:
+                print(f"note: {warning.message}", flush=True)
         config = loaded.config.with_extra(architectures=[cls.__name__])
     started = rundir.start(cfg, output_dir, overwrite=overwrite, primary=primary)  # refusals, before any write
     if primary:
@@ -295,7 +301,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
             Schedule(cfg.steps, cfg.log_every, cfg.eval_every, cfg.eval_every), start=start, writer=writer,
             save=lambda s, record: checkpoints.save(s, iterator, config, {"seed": cfg.seed}, metrics=record),
             evaluate=evaluate, tokens_per_step=tokens_per_step, flops_per_token=None, peak_flops=None,
-            progress=cfg.progress_bar, description=f"finetune {cfg.task}")
+            progress=cfg.progress_bar, description=f"finetune {cfg.task} ({output_dir.name})")
         checkpoints.wait()
         best = checkpoints.best_step()
         if "test" in splits:  # the best checkpoint on data.test_file, once, after training

@@ -6,8 +6,6 @@ Generated here (deterministic for a seed), never downloaded. Tokens are separate
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import statistics
 
@@ -76,11 +74,3 @@ def generate(num: int, seed: int = 0, *, min_len: int = 1, max_len: int = 2000, 
         if min_len <= len(tokens) <= max_len:
             out.append({"text": " ".join(tokens), "label": evaluate(tokens)})
     return out
-
-
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)

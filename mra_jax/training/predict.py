@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -188,9 +189,10 @@ class Predictor:
 
         self._step = step
 
-    def __call__(self, file: str | os.PathLike) -> tuple[list[dict], dict[str, float] | None]:
+    def __call__(self, file: str | os.PathLike, progress: str | None = None,
+                 ) -> tuple[list[dict], dict[str, float] | None]:
         """Predictions for every row of ``file`` (CSV, JSONL or Parquet), and the task metrics if the rows carry
-        labels (else None)."""
+        labels (else None). ``progress``: a bar of that label over the batches (stderr)."""
         import jax.numpy as jnp
 
         task, data = self.task, self.data
@@ -203,6 +205,10 @@ class Predictor:
                                label_names=label_names, file=str(file))
         batches = tasks.eval_batches(encoded, self.batch_size, tasks.pad_token_id(self.tokenizer), data.bucket,
                                      data.max_seq_len)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=progress, unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         outputs, _, _ = collect_outputs(lambda b: self._step(self.params, jax.tree.map(jnp.asarray, b)), batches)
         metrics = compute_metrics(task, encoded, outputs) if labelled else None
         return row_predictions(task, encoded, outputs), metrics
@@ -210,13 +216,14 @@ class Predictor:
 
 def predict(model_dir: str | os.PathLike, file: str | os.PathLike, **kwargs: Any,
             ) -> tuple[list[dict], dict[str, float] | None]:
-    """``Predictor(model_dir, **kwargs)(file)``: the predictions for every row of ``file`` and the task metrics if
-    the rows carry labels (else None)."""
-    return Predictor(model_dir, **kwargs)(file)
+    """``Predictor(model_dir, **kwargs)(file, progress)``: the predictions for every row of ``file`` and the task
+    metrics if the rows carry labels (else None); ``progress``: a bar's label."""
+    progress = kwargs.pop("progress", None)
+    return Predictor(model_dir, **kwargs)(file, progress=progress)
 
 
 def write_predictions(predictions: list[dict], path: str | os.PathLike) -> None:
     """JSONL, one prediction per line, written atomically."""
-    from mra_jax.training.listops import write_jsonl
+    from mra_jax.atomic import write_jsonl
 
     write_jsonl(predictions, path)
