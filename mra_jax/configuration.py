@@ -202,7 +202,11 @@ class MraConfig:
                 raise FileNotFoundError(f"no config.json at {path}")
             return cls.from_json_file(files[0])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
+            parent = os.path.dirname(os.path.abspath(path))
+            steps = sorted(int(n) for n in (os.listdir(parent) if os.path.isdir(parent) else []) if n.isdigit())
+            hint = (f"; the checkpoints in {parent}: {', '.join(map(str, steps))}"
+                    if steps and os.path.basename(parent) == "checkpoints" else "")
+            raise FileNotFoundError(f"no config.json at {path}{hint}")
         return cls.from_json_file(path)
 
     def to_json_string(self) -> str:

@@ -39,3 +39,36 @@ def test_quick_start_is_two_make_targets_that_exist():
 
 def _blocks_in(text: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+
+
+def _commands(block: str) -> list[str]:
+    return [c.split("#")[0].strip() for c in block.replace("\\\n", " ").splitlines() if c.split("#")[0].strip()]
+
+
+def test_the_pretraining_commands_work_in_the_order_written(tmp_path):
+    """The Pretraining section's CPU commands, then its export command, run as written from a fresh directory (cut
+    short: a few steps each, the exported step renamed to match); a missing step's error lists the existing ones."""
+    text = (ROOT / "README.md").read_text().split("## Pretraining", 1)[1]
+    blocks = _blocks_in(text)
+    runs = [c for c in _commands(blocks[0]) if "base-4096" not in c]  # (the real recipe needs an accelerator)
+    export = next(c for b in blocks for c in _commands(b) if c.startswith("python scripts/export_to_hf.py"))
+    assert len(runs) == 2 and "checkpoints/150" in export
+    for name in ("configs", "scripts"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    short = ("steps=4 checkpoint_every=2 eval_every=4 log_every=2 data.seq_len=32 data.eval_batches=1 "
+             "optimizer.warmup_steps=1 progress_bar=false tensorboard=false")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in runs:
+        done = subprocess.run(f"{command} {short}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+    missing = subprocess.run(export, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().endswith(
+        f"no config.json at out/pretrain-tiny/checkpoints/150; the checkpoints in "
+        f"{tmp_path / 'out' / 'pretrain-tiny' / 'checkpoints'}: 2, 4"), missing.stderr[-2000:]
+    done = subprocess.run(export.replace("checkpoints/150", "checkpoints/4"), shell=True, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "hf_model").iterdir()}
+    assert sorted(p.name for p in (tmp_path / "out" / "pretrain-mesh" / "checkpoints").iterdir()) == ["2", "4"]
