@@ -60,6 +60,22 @@ def test_masking_draws_bert_positions_and_never_specials_or_padding():
     np.testing.assert_array_equal(np.asarray(again[0]), ids)
 
 
+def test_masking_replaces_80_10_10_with_random_ids_across_the_vocabulary():
+    """Of ~9,800 predicted tokens: 80% become <mask>, 10% a random id (spread over the vocabulary), 10% stay."""
+    spec = MaskingSpec(mask_id=999, vocab_size=1000, special_ids=(0, 1, 2, 999))
+    ids = jax.random.randint(jax.random.key(0), (128, 512), 3, 999)
+    masked, positions, labels, weights = map(np.asarray, jax.jit(lambda k: mask_tokens(
+        k, ids, jnp.ones_like(ids), spec))(jax.random.key(1)))
+    chosen = weights == 1
+    new = masked[np.arange(128)[:, None], positions][chosen]
+    original = labels[chosen]
+    assert chosen.sum() > 9000
+    to_mask, kept = (new == spec.mask_id).mean(), (new == original).mean()
+    randomised = (new != spec.mask_id) & (new != original)
+    assert abs(to_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(randomised.mean() - 0.1) < 0.015
+    assert len(np.unique(new[randomised])) > 500  # uniform over 1,000 ids, not a fixed replacement
+
+
 def test_masked_positions_loss_equals_full_logits_loss():
     model = mra_jax.MraForMaskedLM(CONFIG, rngs=nnx.Rngs(0))
     batch = mlm_masking(SPEC)(_batch(), jax.random.key(1))
