@@ -343,6 +343,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_work(base_
     (["data.max_seq_len=192"], r"data.max_seq_len=192 exceeds the model's max_position_embeddings \(128\)"),
     (["data.batch_size=-8", "data.eval_batch_size=0"],
      r"data.batch_size must be at least 1, got -8; data.eval_batch_size must be at least 1, got 0"),
+    (["task=question_answering", "data.doc_stride=-1"],
+     r"data.doc_stride must be in \[0, data.max_seq_len=64\), got -1"),
 ])
 def test_lengths_and_sizes_the_model_cannot_take_are_refused_before_any_write(overrides, message, base_model,
                                                                              tmp_path):
@@ -437,3 +439,13 @@ def test_the_training_order_follows_data_shuffle_seed(base_model, tmp_path):
                                                f"data.shuffle_seed={seed}"]))
         losses.append([r["loss"] for r in _records(tmp_path / name) if "loss" in r][:2])
     assert losses[0] == losses[2] and losses[0][0] != losses[1][0]
+
+
+def test_a_corrupt_tokenizer_is_one_line_before_any_write(base_model, tmp_path):
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text((base_model / "tokenizer.json").read_text()[:5000])  # cut short
+    train = _write(tmp_path / "train.jsonl", _rows(32, 0))
+    overrides = _finetune_overrides("sequence_classification", base_model, tmp_path / "run", train, train)
+    with pytest.raises(ValueError, match=rf"^{broken}: not a readable tokenizer.json: "):
+        run(load_config(FinetuneConfig, None, [*overrides, f"tokenizer={broken}"]))
+    assert not (tmp_path / "run").exists()

@@ -372,6 +372,13 @@ def test_training_checkpoints_refuse_content_that_differs_from_their_checksums(t
     ckpts = TrainCheckpoints(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"ckpt/3 says it holds step 1: its items were moved from another step"):
         restore(3)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "ckpt" / "1", damaged / "1")
+    largest = max((p for p in (damaged / "1" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:  # a file cut short (a full disk, an interrupted copy)
+        f.truncate(largest.stat().st_size // 3)
+    with pytest.raises(ValueError, match=r"damaged/1 cannot be read \(.*\); resume from another step"):
+        TrainCheckpoints(damaged).restore(1, states[1], shardings, iter(grain.MapDataset.range(10).to_iter_dataset()))
     shutil.rmtree(tmp_path / "ckpt" / "2" / "params")  # step 1's parameters in step 2: refused on either mesh
     shutil.copytree(tmp_path / "ckpt" / "1" / "params", tmp_path / "ckpt" / "2" / "params")
     for other_shardings in (shardings, on_other):

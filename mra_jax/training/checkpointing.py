@@ -198,12 +198,17 @@ class TrainCheckpoints:
         checked = (self.directory / str(step) / CHECKSUMS_ITEM).exists()
         if not checked and not self.allow_unverified:
             raise ValueError(unverified_message(self.directory / str(step)))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params_tree(params)),
-            opt_state=ocp.args.StandardRestore(opt_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore(),
-            **({CHECKSUMS_ITEM: ChecksumsRestore()} if checked else {})))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params_tree(params)),
+                opt_state=ocp.args.StandardRestore(opt_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                meta=ocp.args.JsonRestore(),
+                **({CHECKSUMS_ITEM: ChecksumsRestore()} if checked else {})))
+        except Exception as e:  # Orbax / tensorstore / grain errors of damaged or truncated files
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ValueError(f"training checkpoint {self.directory / str(step)} cannot be read ({reason}); resume "
+                             "from another step (remove this one) or start afresh with --overwrite") from None
         if checked:
             self._verify(step, dict(restored[CHECKSUMS_ITEM]), {"params": restored.params,
                                                                  "opt_state": restored.opt_state})
