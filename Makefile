@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test test-fast venv clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo: $(VENV)/.train
 
 test: $(VENV)/.test
 	. $(BIN)/activate && eval "$$(awk '/<!-- test-command/{f=1; next} f && /^```bash/{i=1; next} i && /^```/{exit} i{print}' README.md)"
+
+test-fast: $(VENV)/.test   # the edit loop: every test not marked slow (the end-to-end runs and oracles are)
+	. $(BIN)/activate && python -m pytest -n 2 -q -m "not slow"
 
 clean-demo:
 	rm -rf out/demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import rel_err
+from helpers import rel_err
 
 from pallas_kernels import BLOCK, build_block_layout
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from helpers import rel_err
 
 from mra_jax import mra_attention
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, rel_err, worst
+from helpers import GOLDEN, rel_err, worst
 
 from mra_jax import mra_attention
 

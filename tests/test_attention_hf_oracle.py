@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from mra_jax import mra_attention
 
+pytestmark = pytest.mark.slow  # HF's PyTorch MRA as the oracle
+
 torch = pytest.importorskip("torch")
 modeling_mra = pytest.importorskip("transformers.models.mra.modeling_mra")
 from hf_torch_ops import run_hf_mra_on_cpu  # noqa: E402

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from helpers import rel_err
 
 from mra_jax.attention import mra_attention, sharded_mra_attention
 from mra_jax.sharding import make_mesh
@@ -45,6 +45,7 @@ def test_kernels_equal_the_reference(seq, mode, dtype, dim):
         assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < tol * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch", "seq", "heads", "dim", "lengths"),
                          [(1, 2016, 1, 64, None), (2, 200, 2, 40, (163, 71))])
 def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, lengths):
@@ -86,6 +87,7 @@ def test_low_resolution_kernels_equal_the_jnp_formula(batch, seq, heads, dim, le
         assert rel_err(jnp.where(has_token, a, 0.0), jnp.where(has_token, b, 0.0)) < 2e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["reference", "pallas"])
 def test_shard_map_over_batch_and_heads_equals_unsharded(implementation):
     assert len(jax.devices()) == 8
@@ -107,6 +109,7 @@ def test_shard_map_over_batch_and_heads_equals_unsharded(implementation):
     with pytest.raises(ValueError, match="heads are not divisible"):
         sharded_mra_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], mask, mesh=mesh, head_axis="tensor", **kwargs)
 
+@pytest.mark.slow
 
 def test_benchmark_script_runs_small(tmp_path, capsys):
     main = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "benchmark_attention.py"))["main"]

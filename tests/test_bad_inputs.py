@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import worst
 from flax import nnx
+from helpers import worst
 
 import mra_jax
 

@@ -11,8 +11,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import GOLDEN, MODEL_CASES, worst
 from flax import nnx
+from helpers import GOLDEN, MODEL_CASES, worst
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
@@ -77,6 +77,7 @@ def test_hf_to_orbax_to_hf_is_bitwise(name, fmt, tmp_path):
         assert np.array_equal(value, _params(restored)[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_golden_checkpoints_convert_and_match(case, tmp_path):
     shutil.copytree(GOLDEN / case, tmp_path / "hf")

@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _in_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the config's relative paths
 
+@pytest.mark.slow
 
 def test_compile_train_step_on_cpu_devices(tmp_path):
     devices = jax.devices("cpu")

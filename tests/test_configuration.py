@@ -6,7 +6,7 @@ import json
 import pathlib
 
 import pytest
-from conftest import GOLDEN, MODEL_CASES
+from helpers import GOLDEN, MODEL_CASES
 
 from mra_jax import MraConfig
 

@@ -6,7 +6,8 @@ import pathlib
 import runpy
 import shutil
 
-from conftest import GOLDEN
+import pytest
+from helpers import GOLDEN
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "golden_parity.py"
 
@@ -41,6 +42,7 @@ SHORT_DEMO = [  # the Quick start's demo with every stage cut down to a few step
     "finetune.tensorboard=false", "predict_batch_size=8"]
 
 
+@pytest.mark.slow
 def test_demo_compares_the_whole_input_with_its_first_tokens_against_the_baselines(tmp_path, capsys, monkeypatch):
     import json
 

@@ -57,6 +57,7 @@ def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sequence_classification_learns_exports_and_resumes(base_model, tmp_path, monkeypatch):
     """Also: steps 41-80 after a restart from the step-40 checkpoint (the later one removed, as if the process died
     before writing it) are the uninterrupted run's: same records, bitwise the same exported weights."""
@@ -192,6 +193,7 @@ def _assert_transformers_agrees(task, hf_name, hf_dir, data, monkeypatch) -> Non
             np.testing.assert_allclose(np.asarray(getattr(ours, name)), want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
 def test_task_learns_exports_to_transformers_and_predicts(task, base_model, tmp_path, monkeypatch):
     from mra_jax.training import predict as predict_lib
@@ -256,6 +258,7 @@ def _multi_label_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("make_rows", "problem_type", "metrics"), [
     (_regression_rows, "regression", ("mse", "pearson", "spearman")),
     (_multi_label_rows, "multi_label_classification", ("micro_f1", "macro_f1", "exact_match")),
@@ -384,6 +387,7 @@ def test_predict_script_never_replaces_its_input_nor_an_existing_file_unasked(ba
     assert script.main([str(classifier), str(rows), "--force"]) == 0 and out.read_bytes() == first
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_config_json_trains_fresh_weights(base_model, tmp_path):
     """LRA-style runs start from scratch: model= a config.json with tokenizer= (the vocabulary and special ids come
     from the tokenizer); without a tokenizer it is refused before any work."""
@@ -427,6 +431,7 @@ def test_cut_rows_and_an_inferred_regression_are_reported_at_start(base_model, t
         "(MSE); set data.problem_type=single_label_classification to treat them as classes"]
 
 
+@pytest.mark.slow
 def test_the_training_order_follows_data_shuffle_seed(base_model, tmp_path):
     """Two runs that differ only in data.shuffle_seed see other batches (other first losses); the same seed, the
     same ones."""

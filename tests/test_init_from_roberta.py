@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import rel_err
 from flax import nnx
+from helpers import rel_err
 from safetensors.numpy import load_file
 
 import mra_jax

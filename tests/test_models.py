@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import GOLDEN, rel_err
 from flax import nnx
+from helpers import GOLDEN, rel_err
 
 import mra_jax
 from mra_jax.conversion.hf_names import hf_name
@@ -55,6 +55,7 @@ HEADS = [mra_jax.MraForMaskedLM, mra_jax.MraForSequenceClassification, mra_jax.M
          mra_jax.MraForTokenClassification, mra_jax.MraForQuestionAnswering]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [mra_jax.MraModel, *HEADS])
 def test_jit_forward_and_grad(cls):
     model = cls(CONFIG, rngs=nnx.Rngs(0))

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, MODEL_CASES, rel_err, worst
 from flax import nnx
+from helpers import GOLDEN, MODEL_CASES, rel_err, worst
 
 import mra_jax
 from mra_jax.conversion.hf_names import hf_name, to_hf_tensor

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err as _rel
+from helpers import rel_err as _rel
 from jax.experimental.pallas import tpu as pltpu
 from pallas_cases import SM_SCALE, assert_matches_reference, loss_and_grad, problem, rows, selection
 

@@ -82,6 +82,7 @@ def test_tpu_kernels_on_a_longer_sequence_match_reference():
                              mask_kind="none")
 
 
+@pytest.mark.slow
 def test_rows_beyond_one_calls_smem_are_split_into_calls(monkeypatch):
     """With room for one row's lists per call, three rows take three calls (writing into one aliased buffer) and
     give the same values and gradients; a row whose list alone does not fit is refused by name."""

@@ -96,6 +96,7 @@ def test_the_store_tokenizer_is_the_run_tokenizer(tmp_path):
         _tokenizer(_cfg(f"data.prepared={tmp_path / 's'}", f"data.tokenizer={other}"), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_pretraining_from_a_prepared_store(tmp_path):
     """scripts/prepare_data.py, then scripts/pretrain.py data.prepared=DIR: trains from the store's sequences with
     its tokenizer, writes nothing of its own data into the run."""

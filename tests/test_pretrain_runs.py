@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+pytestmark = pytest.mark.slow  # end to end: pretraining runs in subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
 ARGS = ["configs/pretrain/tiny.yaml", "progress_bar=false", "tensorboard=false", "data.seq_len=64",

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
 
 
+@pytest.mark.slow
 def test_python_snippets_run_as_written(tmp_path):
     for name in ("tests", "configs"):
         (tmp_path / name).symlink_to(ROOT / name)
@@ -45,6 +48,7 @@ def _commands(block: str) -> list[str]:
     return [c.split("#")[0].strip() for c in block.replace("\\\n", " ").splitlines() if c.split("#")[0].strip()]
 
 
+@pytest.mark.slow
 def test_the_pretraining_commands_work_in_the_order_written(tmp_path):
     """The Pretraining section's CPU commands, then its export command, run as written from a fresh directory (cut
     short: a few steps each, the exported step renamed to match); a missing step's error lists the existing ones."""

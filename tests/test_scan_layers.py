@@ -63,6 +63,7 @@ def _assert_same(got, want, rtol: float = 1e-6) -> None:
         assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-3 * scale), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cls", "remat", "dropout"), [
     (mra_jax.MraForMaskedLM, "none", False),
     (mra_jax.MraForMaskedLM, "none", True),
@@ -126,6 +127,7 @@ def test_checkpoints_of_scanned_and_unscanned_models_are_interchangeable(tmp_pat
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_with_scan_equals_the_loop():
     """A whole jitted train step (masking, dropout, AdamW) on data 2 x fsdp 4 fake devices."""
     spec = MaskingSpec(mask_id=98, vocab_size=99, special_ids=(0, 1, 2, 98))

@@ -155,6 +155,7 @@ def test_bad_arguments():
 _PALETTE = np.array([-1e4, -1e4 + 5000.0, -1.0, -0.0, 0.0, 0.5, 1.0, 5000.0, 5000.5, 10000.0, 15000.0], np.float32)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     codes=st.lists(st.integers(0, len(_PALETTE) - 1), min_size=4 * 300, max_size=4 * 300),
@@ -226,6 +227,7 @@ def test_add_priors_bonuses_by_hand():
     np.testing.assert_array_equal(np.asarray(add_priors(zero, 1, 0)), first)
     np.testing.assert_array_equal(np.asarray(add_priors(zero, 1, 1)), first + diagonal)
 
+@pytest.mark.slow
 
 def test_select_blocks_takes_priors_first_and_breaks_ties_by_lowest_index():
     from mra_jax.attention.selection import select_blocks

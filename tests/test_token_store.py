@@ -200,6 +200,7 @@ def test_other_input_errors(tmp_path, tok):
     with pytest.raises(ValueError, match="is not a token store; refusing"):
         store.prepare_store([str(tmp_path / "x.csv")], tmp_path / "dir", tok, force=True)
 
+@pytest.mark.slow
 
 def test_prepare_data_script(tmp_path, docs):
     path = tmp_path / "d.txt"
@@ -245,6 +246,7 @@ def _synthetic_store(path: pathlib.Path, shards: int, tokens_per_shard: int) -> 
         "train": {"shards": infos}, "eval": {"shards": []}}}))
 
 
+@pytest.mark.slow
 def test_start_up_cost_does_not_grow_with_the_corpus(tmp_path):
     _synthetic_store(tmp_path / "small", 1, 200_000)
     _synthetic_store(tmp_path / "large", 8, 12_500_000)  # 100M tokens, 500x the small one

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # libtpu's compiler
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""

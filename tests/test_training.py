@@ -124,6 +124,7 @@ def single_device():
     return float(loss), jax.device_get(g), float(metrics["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sizes", "rules"), [((8, 1, 1), "dp"), ((2, 4, 1), "fsdp"), ((1, 4, 2), "fsdp_tp")])
 def test_sharded_step_equals_single_device_step(sizes, rules, single_device):
     mesh = mra_jax.sharding.make_mesh(*sizes)
@@ -158,6 +159,7 @@ def test_sharded_step_equals_single_device_step(sizes, rules, single_device):
             assert x.sharding.spec == specs[step_lib.key_path(path)], path
     assert new_state.step.sharding.spec == PartitionSpec()
 
+@pytest.mark.slow
 
 def test_gradient_accumulation_equals_the_big_batch():
     config = dataclasses.replace(CONFIG, hidden_dropout_prob=0.0, num_hidden_layers=1)
@@ -273,6 +275,7 @@ def test_unknown_keys_and_wrong_types_are_refused():
     with pytest.raises(ValueError, match="key=value"):
         load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["steps"])
 
+@pytest.mark.slow
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # The learning rate warms up from 0 to 1e30: step 1 changes nothing, step 2 blows the weights up, step 3's loss
@@ -292,6 +295,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     restored = mra_jax.MraForMaskedLM.from_pretrained(tmp_path / "checkpoints" / str(max(steps)))
     assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(nnx.state(restored)))
 
+@pytest.mark.slow
 
 def test_nan_guard_sees_an_update_that_makes_the_state_non_finite(tmp_path):
     # A learning rate past float32's range: step 1's loss and gradient norm are finite, its update is not.
@@ -304,6 +308,7 @@ def test_nan_guard_sees_an_update_that_makes_the_state_non_finite(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     assert not metrics.exists() or not metrics.read_text().strip()
 
+@pytest.mark.slow
 
 def test_remat_policies_give_the_same_gradients():
     batch = mlm_masking(SPEC)(_batch(2), jax.random.key(0))
