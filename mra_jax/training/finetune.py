@@ -195,8 +195,8 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False, allow_unverified: bool 
     ids = tokenizer_ids(tokenizer)
     if fresh:
         base_config = dataclasses.replace(base_config, vocab_size=ids["vocab_size"], **{
-            field: ids[key] for field, key in (("pad_token_id", "pad_id"), ("bos_token_id", "cls_id"),
-                                               ("eos_token_id", "sep_id")) if key in ids})
+            name: ids[key] for name, key in (("pad_token_id", "pad_id"), ("bos_token_id", "cls_id"),
+                                             ("eos_token_id", "sep_id")) if key in ids})
     check_tokenizer_fits(ids, base_config, f"tokenizer {tokenizer_path}", cfg.model)
     data = cfg.data
     padded = -(-data.max_seq_len // data.bucket) * data.bucket  # the longest batch

@@ -111,9 +111,9 @@ def take_lock(directory: pathlib.Path) -> Any:
     path = directory.with_name(f".{directory.name}.lock")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
         if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(f"{directory} is not writable")
+        handle = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
     except PermissionError as e:
         raise ValueError(f"cannot write the run into {directory}: permission denied ({e.filename or e})") from None
     try:
