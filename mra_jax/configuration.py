@@ -11,12 +11,14 @@ from mra_jax.activations import ACT2FN
 from pallas_kernels import BLOCK as BLOCK_SIZE  # tokens per MRA block (fixed by the method; the kernels' block)
 
 POSITION_OFFSET = 2
+"""HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
 CONFIG_FILES = ("config.json", "model_config/metadata")
 """Where a checkpoint directory keeps its config: HF's ``config.json``, or the JSON item of a training step."""
-"""HF's default position ids are ``arange(seq) + 2`` for every token, padded or not."""
 
-_APPROX_MODES = ("full", "sparse")
+APPROX_MODES = ("full", "sparse")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+"""HF's ``problem_type`` values of sequence classification (``None``: inferred)."""
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -29,7 +31,6 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return data
-_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +133,8 @@ class MraConfig:
         if is_int(self.max_position_embeddings) and 0 < self.max_position_embeddings < BLOCK_SIZE:
             errors.append(f"max_position_embeddings must be at least {BLOCK_SIZE} (one MRA block), "
                           f"got {self.max_position_embeddings}")
-        if self.approx_mode not in _APPROX_MODES:
-            errors.append(f"approx_mode must be one of {_APPROX_MODES}, got {self.approx_mode!r}")
+        if self.approx_mode not in APPROX_MODES:
+            errors.append(f"approx_mode must be one of {APPROX_MODES}, got {self.approx_mode!r}")
         for name in ("initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
@@ -148,8 +149,8 @@ class MraConfig:
             errors.append(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if not is_number(self.initializer_range) or self.initializer_range < 0:
             errors.append(f"initializer_range must be a non-negative number, got {self.initializer_range!r}")
-        if self.problem_type not in _PROBLEM_TYPES:
-            errors.append(f"problem_type must be one of {_PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type not in (None, *PROBLEM_TYPES):
+            errors.append(f"problem_type must be one of {(None, *PROBLEM_TYPES)}, got {self.problem_type!r}")
         if not self.id2label:
             errors.append("id2label must name at least one label")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

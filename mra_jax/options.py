@@ -10,12 +10,15 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mra_jax.sharding import partition_spec
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu", "dense")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""Compute / storage dtypes by the names configs and scripts use."""
 PLATFORMS = (None, "cpu", "gpu", "tpu")
 REMAT_POLICIES = ("none", "full", "dots")
 

@@ -14,14 +14,11 @@ import argparse
 import sys
 import time
 
-import jax.numpy as jnp
-
 import mra_jax
 from mra_jax.atomic import check_output_dir
 from mra_jax.modeling.models import MODEL_CLASSES
+from mra_jax.options import DTYPES
 from mra_jax.progress import ProgressBar
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,10 @@ import numpy as np
 from mra_jax.attention.combination import low_resolution_output
 from mra_jax.attention.low_resolution import EPS, block_sums, selection_scores, token_counts
 from mra_jax.attention.selection import select_blocks
-from mra_jax.configuration import BLOCK_SIZE
+from mra_jax.configuration import APPROX_MODES, BLOCK_SIZE
 from pallas_kernels import build_block_layout, merged_attention
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_gpu", "pallas_tpu")
-APPROX_MODES = ("full", "sparse")
 
 
 def _check_inputs(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,

@@ -67,17 +67,16 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-DTYPES = ("float32", "bfloat16")
 
 
 def run_errors(cfg: Any, at_least_one: Sequence[str]) -> list[str]:
     """Problems with the fields every run config has (``at_least_one``: counts that must be >= 1, ``dtype``,
     ``attention``, ``remat``, ``optimizer``)."""
-    from mra_jax.options import IMPLEMENTATIONS, REMAT_POLICIES
+    from mra_jax.options import DTYPES, IMPLEMENTATIONS, REMAT_POLICIES
 
     errors = [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in at_least_one
               if getattr(cfg, name) < 1]
-    for name, allowed in (("dtype", DTYPES), ("attention", IMPLEMENTATIONS), ("remat", REMAT_POLICIES)):
+    for name, allowed in (("dtype", tuple(DTYPES)), ("attention", IMPLEMENTATIONS), ("remat", REMAT_POLICIES)):
         if getattr(cfg, name) not in allowed:
             errors.append(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     try:

@@ -31,7 +31,7 @@ from mra_jax.modeling import (
     MraForTokenClassification,
     MraPreTrainedModel,
 )
-from mra_jax.options import RuntimeOptions
+from mra_jax.options import DTYPES, RuntimeOptions
 from mra_jax.training import rundir, runtime, task_metrics, tasks
 from mra_jax.training.checkpointing import TrainCheckpoints
 from mra_jax.training.config import DistributedConfig, MeshConfig, run_errors, to_yaml
@@ -40,7 +40,6 @@ from mra_jax.training.loop import NonFiniteError, Schedule, train_loop
 from mra_jax.training.metrics import MetricsWriter
 from mra_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
 from mra_jax.training.predict import collect_outputs, compute_metrics, find_model_tokenizer
-from mra_jax.training.pretrain import DTYPES
 from mra_jax.training.step import TrainState, init_state, make_train_step
 
 MODEL_CLASSES: dict[str, type[MraPreTrainedModel]] = {

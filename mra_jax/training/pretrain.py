@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -26,7 +25,7 @@ from tokenizers import Tokenizer
 
 from mra_jax.configuration import MraConfig
 from mra_jax.modeling import MraForMaskedLM
-from mra_jax.options import RuntimeOptions
+from mra_jax.options import DTYPES, RuntimeOptions
 from mra_jax.training import data as data_lib
 from mra_jax.training import rundir, runtime, store
 from mra_jax.training.checkpointing import TrainCheckpoints
@@ -37,7 +36,6 @@ from mra_jax.training.metrics import MetricsWriter, mlm_train_flops_per_token, p
 from mra_jax.training.optim import make_optimizer, make_schedule
 from mra_jax.training.step import TrainState, abstract_state, init_state, make_eval_step, make_train_step
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 __all__ = ["NonFiniteError", "Pretraining", "build_pretraining", "mlm_loss", "mlm_masking", "run", "validate"]
 
 

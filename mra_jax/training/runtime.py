@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -81,6 +80,3 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 def is_primary() -> bool:
     return jax.process_index() == 0
 
-
-def num_devices(mesh: Mesh) -> int:
-    return math.prod(mesh.shape.values())

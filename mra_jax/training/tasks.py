@@ -36,12 +36,12 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
+from mra_jax.configuration import PROBLEM_TYPES
+from mra_jax.losses import IGNORE_INDEX
 from mra_jax.training.data import local_batch_size, text_lines
 
 TASKS = ("sequence_classification", "token_classification", "question_answering", "multiple_choice")
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 SUFFIXES = (".csv", ".jsonl", ".parquet")
-IGNORE_INDEX = -100  # token labels that the loss skips (HF convention)
 _SEQUENCE_FIELDS = ("input_ids", "attention_mask")  # padded (with pad_id / 0) along their last axis
 
 
