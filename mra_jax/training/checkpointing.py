@@ -126,13 +126,14 @@ def _unstacked(state: TrainState, depth: int) -> TrainState:
     return TrainState(state.step, *stacked_layers.unstack((state.params, state.opt_state), depth))
 
 
-def _per_layer(state: TrainState) -> TrainState:
-    """``state`` in the per-layer layout of checkpoints (new arrays if it is stacked)."""
+def _per_layer_fn(state: TrainState) -> Any:
+    """A function taking states like ``state`` to the per-layer layout of checkpoints: the identity, or (stacked) one
+    jitted unstacking onto the per-layer shardings, built once per run."""
     depth = stacked_layers.num_stacked_layers(state.params)
     if depth is None:
-        return state
+        return lambda s: s
     shardings = _unstacked(jax.tree.map(lambda x: x.sharding, state), depth)
-    return jax.jit(_unstacked, static_argnums=1, out_shardings=shardings)(state, depth)
+    return jax.jit(lambda s: _unstacked(s, depth), out_shardings=shardings)
 
 
 def unverified_message(step_dir: pathlib.Path) -> str:
@@ -148,6 +149,7 @@ class TrainCheckpoints:
                  best_mode: str = "max", allow_unverified: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self.allow_unverified = allow_unverified
+        self._per_layer = None  # states -> the per-layer layout, made at the first save
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         policy = checkpoint_managers.LatestN(n=keep)
@@ -171,7 +173,9 @@ class TrainCheckpoints:
         """Start an asynchronous save of ``state`` at its step (returns once the arrays are copied to host memory;
         writing and hashing continue in the background)."""
         step = int(jax.device_get(state.step))
-        state = _per_layer(state)
+        if self._per_layer is None:
+            self._per_layer = _per_layer_fn(state)
+        state = self._per_layer(state)
         params = params_tree(state.params)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
